@@ -1,0 +1,1 @@
+"""netem: network-emulation profiles in `tc netem` terms, and the links that apply them."""
