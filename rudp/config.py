@@ -36,7 +36,9 @@ FecSetting = tuple[int, int] | Literal["auto", "off"]
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
     ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
     if isinstance(value, bool) or not ok_type:
-        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} in [{lo}, {hi}], got {value!r}")
+        raise ValueError(
+            f"{name} must be {'a number' if kind is float else 'an integer'} in [{lo}, {hi}], got {value!r}"
+        )
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 

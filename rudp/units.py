@@ -112,7 +112,9 @@ def parse_rate(text: str | int | float, what: str = "rate") -> int:
     """``"20mbit"`` → 20000000 (bits per second), in ``tc`` units."""
     value, unit = _split(text, what)
     if unit not in _RATE_UNITS:
-        raise ValueError(f"{what}: unknown rate unit {unit!r} in {text!r} (use kbit, mbit, gbit, bps, ...)")
+        raise ValueError(
+            f"{what}: unknown rate unit {unit!r} in {text!r} (use kbit, mbit, gbit, bps, ...)"
+        )
     return int(value * _RATE_UNITS[unit])
 
 
