@@ -129,3 +129,149 @@ SMUX_HEADER = struct.Struct("<BBHI")
 SMUX_OVERHEAD = SMUX_HEADER.size  # 8
 SMUX_SYN, SMUX_FIN, SMUX_PSH, SMUX_NOP, SMUX_UPD = range(5)
 SMUX_UPD_BODY = struct.Struct("<II")
+
+
+# ---------------------------------------------------------------------------
+# rudp envelope (framing="rudp"): every datagram starts with 10 bytes.
+#
+#   0      1      2                              10
+#   +------+------+------------------------------+------ - -
+#   | ver  | type |   connection id (u64)        | body (by type)
+#   +------+------+------------------------------+------ - -
+#
+#   ver   RUDP_VERSION; anything else is dropped and counted
+#   cid   chosen at random by the client; sessions are keyed by it, not by the
+#         peer's address, so a client whose address changes keeps its session
+#
+# Bodies:
+#   INIT    (client → server)  PARAMS | cookie_len u8 | cookie | zero padding
+#           The first INIT has no cookie and is padded to the client's MTU
+#           (which also proves that size crosses the path); the second echoes
+#           the cookie from RETRY.
+#   RETRY   (server → client)  PARAMS | cookie_len u8 | cookie
+#           Stateless: the server keeps nothing until a valid cookie returns,
+#           and the reply is far below 3x the padded INIT.
+#   ACCEPT  (server → client)  PARAMS (the negotiated values)
+#   DATA    KCP segments (conv = low 32 bits of cid)
+#   PING    u32 token          (keepalive; the peer answers PONG with the token)
+#   PONG    u32 token
+#   CLOSE   u16 code | reason (utf-8)  "I will send nothing more"; sent once all
+#           my data is acknowledged; repeated until CLOSE_ACK
+#   CLOSE_ACK  (empty)
+#   RESET   u16 code | reason (utf-8)  abort: queued data is discarded
+#
+# PARAMS (16 bytes):
+#   0      2        4      5      6      7       8               12      14      16
+#   +------+--------+------+------+------+-------+---------------+-------+-------+
+#   | mtu  | rcvwnd | flags| fec_k| fec_m| smux_v| stream_buffer | rsv   | rsv   |
+#   +------+--------+------+------+------+-------+---------------+-------+-------+
+#     u16     u16     u8     u8     u8     u8          u32          u16     u16
+#   flags: bit 0 message mode, bit 1 mux, bit 2 mux extensions, bit 3 fec auto
+# ---------------------------------------------------------------------------
+
+RUDP_VERSION = 1
+RUDP_HEADER = struct.Struct("<BBQ")
+RUDP_OVERHEAD = RUDP_HEADER.size  # 10
+
+(
+    PKT_INIT,
+    PKT_RETRY,
+    PKT_ACCEPT,
+    PKT_DATA,
+    PKT_PING,
+    PKT_PONG,
+    PKT_CLOSE,
+    PKT_CLOSE_ACK,
+    PKT_RESET,
+) = range(1, 10)
+PACKET_TYPES = range(PKT_INIT, PKT_RESET + 1)
+
+PARAMS = struct.Struct("<HHBBBBIHH")
+FLAG_MESSAGE_MODE = 0x01
+FLAG_MUX = 0x02
+FLAG_MUX_EXTENSIONS = 0x04
+FLAG_FEC_AUTO = 0x08
+
+PING_BODY = struct.Struct("<I")
+CODE = struct.Struct("<H")
+
+# Close/reset codes
+CODE_NORMAL = 0
+CODE_REFUSED = 1  # nothing accepts this connection (backlog full, incompatible parameters)
+CODE_TIMEOUT = 2  # the sender gave up waiting (dead peer, close timeout)
+CODE_PROTOCOL = 3  # the peer broke the protocol
+CODE_ABORT = 4  # the application aborted
+CODE_UNKNOWN_SESSION = 5  # no session with that connection id
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """What each side announces in the handshake."""
+
+    mtu: int
+    rcvwnd: int
+    flags: int = 0
+    fec_k: int = 0
+    fec_m: int = 0
+    smux_version: int = 0
+    stream_buffer: int = 0
+
+    def encode(self) -> bytes:
+        return PARAMS.pack(
+            self.mtu,
+            self.rcvwnd,
+            self.flags,
+            self.fec_k,
+            self.fec_m,
+            self.smux_version,
+            self.stream_buffer,
+            0,
+            0,
+        )
+
+    @classmethod
+    def decode(cls, body: bytes | memoryview) -> Params:
+        if len(body) < PARAMS.size:
+            raise ValueError("truncated handshake parameters")
+        mtu, rcvwnd, flags, k, m, smux_v, stream_buffer, _, _ = PARAMS.unpack_from(body)
+        return cls(mtu, rcvwnd, flags, k, m, smux_v, stream_buffer)
+
+
+def encode_header(ptype: int, cid: int) -> bytes:
+    return RUDP_HEADER.pack(RUDP_VERSION, ptype, cid)
+
+
+def encode_handshake(
+    ptype: int, cid: int, params: Params, cookie: bytes = b"", pad_to: int = 0
+) -> bytes:
+    """INIT / RETRY (with a cookie) or ACCEPT (without)."""
+    out = encode_header(ptype, cid) + params.encode()
+    if ptype != PKT_ACCEPT:
+        out += bytes([len(cookie)]) + cookie
+    return out.ljust(pad_to, b"\0")
+
+
+def decode_handshake(body: bytes | memoryview, with_cookie: bool) -> tuple[Params, bytes]:
+    """(params, cookie) of an INIT/RETRY/ACCEPT body; ``ValueError`` if malformed."""
+    params = Params.decode(body)
+    if not with_cookie:
+        return params, b""
+    if len(body) < PARAMS.size + 1:
+        raise ValueError("truncated cookie length")
+    n = body[PARAMS.size]
+    cookie = bytes(body[PARAMS.size + 1 : PARAMS.size + 1 + n])
+    if len(cookie) != n:
+        raise ValueError("truncated cookie")
+    return params, cookie
+
+
+def encode_reason(ptype: int, cid: int, code: int, reason: str = "") -> bytes:
+    """CLOSE or RESET."""
+    return encode_header(ptype, cid) + CODE.pack(code) + reason.encode()[:200]
+
+
+def decode_reason(body: bytes | memoryview) -> tuple[int, str]:
+    if len(body) < CODE.size:
+        raise ValueError("truncated close/reset code")
+    (code,) = CODE.unpack_from(body)
+    return code, bytes(body[CODE.size :]).decode("utf-8", "replace")
