@@ -1,19 +1,22 @@
 """Batched, non-blocking datagram I/O on one UDP socket.
 
-The endpoint calls :meth:`DatagramIO.recv_batch` when its socket is readable
-and :meth:`DatagramIO.send_batch` / :meth:`DatagramIO.send_many` when it
+The endpoint calls :func:`configure` once per socket, then :func:`recv_batch`
+when the socket is readable and :func:`send_batch` / :func:`send_many` when it
 flushes. On Linux the compiled ``rudp._udp`` moves many datagrams per system
 call (``recvmmsg``/``sendmmsg``) and, above all, lets the kernel handle runs of
 equal-sized datagrams as one buffer (UDP GSO on send, GRO on receive): on
 loopback that is worth about 4x over a ``sendto`` loop, while batching system
 calls alone gains little. :class:`PythonDatagramIO` is the portable fallback
 and the readable specification of the behaviour; both give identical results.
+The per-socket state (receive buffers, address caches, whether GSO still
+works) lives in a :class:`DatagramIO` object that :func:`configure` attaches to
+the socket; :func:`datagram_io` returns it.
 
 Contract shared by both implementations:
 
 - Nothing blocks. ``recv_batch`` returns ``[]`` when nothing is queued; the
-  send methods return how many datagrams (a prefix, in order) the kernel took,
-  and the caller keeps the rest for when the socket is writable again.
+  send functions return how many datagrams (a prefix, in order) the kernel
+  took, and the caller keeps the rest for when the socket is writable again.
 - A socket error (``ConnectionRefusedError`` after an ICMP port unreachable on
   a connected socket, for instance) is raised. When some datagrams already
   went through in the same call, they are reported normally and the error is
@@ -30,6 +33,7 @@ import errno
 import socket
 import struct
 import sys
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,7 +44,11 @@ __all__ = [
     "DatagramIO",
     "PythonDatagramIO",
     "configure",
+    "datagram_io",
     "native_available",
+    "recv_batch",
+    "send_batch",
+    "send_many",
 ]
 
 Address = tuple[str, int] | tuple[str, int, int, int]
@@ -138,8 +146,8 @@ def configure(
     gro: bool = True,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     max_datagrams: int = 64,
-) -> DatagramIO:
-    """Make ``sock`` non-blocking, size its buffers, and wrap it for batched I/O.
+) -> Capabilities:
+    """Make ``sock`` non-blocking, size its buffers, and set it up for batched I/O.
 
     ``native=None`` picks the compiled implementation when available, ``True``
     requires it (``RuntimeError`` otherwise), ``False`` forces the fallback.
@@ -163,18 +171,49 @@ def configure(
     sndbuf = _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, buffer_size)
     use_gso = gso and linux and _gso_supported(sock)
     use_gro = gro and linux and _enable_gro(sock)
-    if native:
-        return NativeDatagramIO(
-            sock,
-            gso=use_gso,
-            gro=use_gro,
-            max_datagrams=max_datagrams,
-            rcvbuf=rcvbuf,
-            sndbuf=sndbuf,
-        )
-    return PythonDatagramIO(
+    cls = NativeDatagramIO if native else PythonDatagramIO
+    io = cls(
         sock, gso=use_gso, gro=use_gro, max_datagrams=max_datagrams, rcvbuf=rcvbuf, sndbuf=sndbuf
     )
+    _ios[sock] = io
+    return io.capabilities
+
+
+#: The I/O state of each configured socket; it goes away with the socket.
+_ios: weakref.WeakKeyDictionary[socket.socket, DatagramIO] = weakref.WeakKeyDictionary()
+
+
+def datagram_io(sock: socket.socket) -> DatagramIO:
+    """The state :func:`configure` attached to ``sock`` (counters: ``.stats()``)."""
+    try:
+        return _ios[sock]
+    except KeyError:
+        raise ValueError("call rudp.udp.configure(sock) before batched I/O on it") from None
+
+
+def recv_batch(
+    sock: socket.socket, max_datagrams: int | None = None
+) -> list[tuple[bytes, Address]]:
+    """Receive what is queued on ``sock``: ``[(payload, address), ...]``, ``[]`` if nothing.
+
+    ``max_datagrams`` bounds the kernel messages taken (a GRO message is split
+    back into the datagrams it holds).
+    """
+    return datagram_io(sock).recv_batch(max_datagrams)
+
+
+def send_batch(sock: socket.socket, datagrams: Iterable[bytes], addr: Address | None = None) -> int:
+    """Send ``datagrams`` to one peer (``addr=None`` on a connected socket), in order.
+
+    Runs of equal-sized datagrams (the last may be shorter) go out as one GSO
+    buffer. Returns how many were sent; the caller keeps the rest.
+    """
+    return datagram_io(sock).send_batch(datagrams, addr)
+
+
+def send_many(sock: socket.socket, items: Iterable[tuple[bytes, Address]]) -> int:
+    """Send ``[(payload, address), ...]`` to any number of peers, in order; returns how many went."""
+    return datagram_io(sock).send_many(items)
 
 
 class PythonDatagramIO:

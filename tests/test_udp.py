@@ -55,7 +55,8 @@ def sockets():
 
 
 def wrap(sock: socket.socket, impl: str, **kwargs) -> udp.DatagramIO:
-    return udp.configure(sock, native=_require(impl), **kwargs)
+    udp.configure(sock, native=_require(impl), **kwargs)
+    return udp.datagram_io(sock)
 
 
 def drain(io: udp.DatagramIO, count: int, timeout: float = 5.0) -> list[tuple[bytes, udp.Address]]:
@@ -78,8 +79,10 @@ def payloads(sizes: list[int], seed: int = 1) -> list[bytes]:
 
 
 def test_configure_reports_capabilities(impl, sockets):
-    io = wrap(sockets(), impl)
-    caps = io.capabilities
+    sock = sockets()
+    caps = udp.configure(sock, native=_require(impl))
+    io = udp.datagram_io(sock)
+    assert io.capabilities == caps
     assert caps.native is (impl == "native")
     assert caps.mmsg is (impl == "native")
     assert caps.gso and caps.gro  # loopback on Linux >= 5.0 has both
@@ -103,6 +106,21 @@ def test_configure_rejects_bad_values(sockets, field, value):
 def test_configure_rejects_stream_sockets():
     with socket.socket() as tcp, pytest.raises(ValueError, match="SOCK_DGRAM"):
         udp.configure(tcp)
+
+
+def test_module_functions_use_the_configured_socket(impl, sockets):
+    a_sock, b_sock = sockets(), sockets()
+    with pytest.raises(ValueError, match="configure"):
+        udp.recv_batch(a_sock)
+    udp.configure(a_sock, native=_require(impl))
+    udp.configure(b_sock, native=_require(impl))
+    data = payloads([1000] * 5 + [10])
+    assert udp.send_batch(a_sock, data, b_sock.getsockname()) == 6
+    assert udp.send_many(a_sock, [(b"x", b_sock.getsockname())]) == 1
+    select.select([b_sock], [], [], 5)
+    got = udp.recv_batch(b_sock)
+    assert [d for d, _ in got] == [*data, b"x"]
+    assert udp.datagram_io(a_sock).stats()["send_datagrams"] == 7
 
 
 def test_recv_on_empty_socket_returns_nothing(impl, sockets):
