@@ -106,16 +106,13 @@ class GuestResult:
     stderr: str
     guest_seconds: float
     host_seconds: float
-    timed_out: bool = False
 
     def check(self) -> GuestResult:
         """Return self, or raise :class:`VMCommandError` with the command's stderr."""
         if self.returncode != 0:
             tail = (self.stderr or self.stdout)[-4000:]
             raise VMCommandError(
-                f"guest command {shlex.join(self.argv)!r} exited {self.returncode}"
-                + (" (timed out)" if self.timed_out else "")
-                + f":\n{tail}"
+                f"guest command {shlex.join(self.argv)!r} exited {self.returncode}:\n{tail}"
             )
         return self
 
@@ -727,7 +724,6 @@ class VM:
             stderr=reply["stderr"],
             guest_seconds=float(reply["guest_seconds"]),
             host_seconds=time.monotonic() - started,
-            timed_out=bool(reply.get("timed_out")),
         )
 
     def run_python(

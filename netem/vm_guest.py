@@ -6,8 +6,8 @@ never imports the project: a broken tree must still boot and report.
 
 Protocol: one JSON object per line over the virtio-serial port named
 ``rudp.ctl``. The agent announces itself with ``{"ready": ...}``; each request
-``{"id", "argv", "env", "cwd", "input", "timeout"}`` is answered with
-``{"id", "rc", "stdout", "stderr", "guest_seconds", "timed_out"}``;
+``{"id", "argv", "env", "cwd", "input"}`` is answered with
+``{"id", "rc", "stdout", "stderr", "guest_seconds"}``; time limits are the host's;
 ``{"exit": true}`` ends the agent and the VM powers off.
 """
 
@@ -39,7 +39,6 @@ def run(request: dict) -> dict:
     env = dict(os.environ)
     env.update(request.get("env") or {})
     start = time.monotonic()
-    timed_out = False
     try:
         proc = subprocess.run(
             request["argv"],
@@ -47,12 +46,8 @@ def run(request: dict) -> dict:
             capture_output=True,
             cwd=request.get("cwd") or None,
             env=env,
-            timeout=request.get("timeout"),
         )
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        timed_out = True
-        rc, out, err = -9, exc.stdout or b"", exc.stderr or b""
     except OSError as exc:
         rc, out, err = 127, b"", f"vm_guest: cannot run {request['argv'][0]!r}: {exc}\n".encode()
     return {
@@ -61,7 +56,6 @@ def run(request: dict) -> dict:
         "stdout": out.decode(errors="replace"),
         "stderr": err.decode(errors="replace"),
         "guest_seconds": time.monotonic() - start,
-        "timed_out": timed_out,
     }
 
 
