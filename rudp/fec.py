@@ -367,7 +367,7 @@ class ParityPacket:
 
 def _binomial_tail(n: int, p: float, m: int) -> float:
     """P(more than m of n independent packets lost), each with probability p."""
-    return max(0.0, 1.0 - sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(m + 1)))
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(m + 1, n + 1))
 
 
 class FecController:
