@@ -552,12 +552,13 @@ def _bulk(
         "cpu_s": cpu,
         "cpu_s_per_gb": cpu / (received / GB) if received else None,
     }
-    for key in ("io", "stats", "engine"):
-        value = got.get(key) or sent.get(key)
-        if value is not None:
-            out[key] = value
-    if "stats" in sent and "stats" in got:
-        out["stats"] = {"sender": sent["stats"], "receiver": got["stats"]}
+    engine = got.get("engine") or sent.get("engine")
+    if engine:
+        out["engine"] = engine
+    for key in ("io", "stats"):
+        both = {"sender": sent.get(key), "receiver": got.get(key)}
+        if any(both.values()):
+            out[key] = both
     return out
 
 
@@ -767,7 +768,7 @@ def run_bench(
     report["load_after"] = _load()
     engines = [r.get("engine") for s in ("bulk", "echo") for r in report.get(s, {}).values()]
     report["engine"] = next((e for e in engines if e), params.engine or _engine_name())
-    rudp_io = report.get("bulk", {}).get("rudp", {}).get("io")
+    rudp_io = report.get("bulk", {}).get("rudp", {}).get("io", {}).get("receiver")
     report["io"] = rudp_io or _probe_io()
     report["ratios"] = _ratios(report)
     report["targets"] = _targets(report)
