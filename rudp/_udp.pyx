@@ -477,7 +477,13 @@ cdef class NativeDatagramIO:
         self._send_busy = True
         try:
             while start < total:
-                done = self._send_chunk(seq, start, addressed, per_item)
+                try:
+                    done = self._send_chunk(seq, start, addressed, per_item)
+                except Exception as exc:  # report what went; the next call raises
+                    if not sent:
+                        raise
+                    self._pending = exc
+                    break
                 sent += done
                 self.send_datagrams += done
                 if done < min(total - start, SEND_CHUNK):

@@ -399,6 +399,11 @@ class PythonDatagramIO:
                         self._pending = exc
                         return sent
                     raise
+                except Exception as exc:  # a bad address after a partial send
+                    if sent:
+                        self._pending = exc
+                        return sent
+                    raise
                 counters["send_messages"] += 1
                 sent += end - start
                 start = end

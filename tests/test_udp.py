@@ -300,6 +300,19 @@ def test_bad_addresses_raise(impl, sockets):
         sender.send_many([(b"x", "not an address")])
 
 
+def test_bad_address_after_a_partial_send_is_raised_by_the_next_call(impl, sockets):
+    s_sock, r_sock = sockets(), sockets()
+    sender, receiver = wrap(s_sock, impl), wrap(r_sock, impl)
+    good = r_sock.getsockname()
+    items = [(b"%d" % i, good) for i in range(300)] + [(b"bad", ("127.0.0.1", 70000))]
+    sent = sender.send_many(items)
+    assert 1 <= sent < len(items)
+    assert [d for d, _ in drain(receiver, sent)] == [d for d, _ in items[:sent]]
+    with pytest.raises(OverflowError):
+        sender.send_many(items[sent:])
+    assert sender.send_many(items[sent:-1]) == len(items) - 1 - sent  # usable again
+
+
 def _ipv6_loopback() -> bool:
     if not socket.has_ipv6:
         return False
