@@ -271,21 +271,26 @@ class RSCodec:
         """
         if len(shards) != self.n:
             raise ValueError(f"expected {self.n} shards (data then parity), got {len(shards)}")
-        missing = tuple(i for i in range(self.k) if shards[i] is None)
+        k = self.k
+        out = [s if s is None or type(s) is bytes else bytes(s) for s in shards[:k]]
+        missing = tuple(i for i, s in enumerate(out) if s is None)
         if not missing:
-            return [bytes(s) for s in shards[: self.k]]  # type: ignore[arg-type]
-        parity = tuple(j for j in range(self.m) if shards[self.k + j] is not None)
+            return out  # type: ignore[return-value]
+        parity = tuple(j for j, s in enumerate(shards[k:]) if s is not None)
         if len(parity) < len(missing):
             lost = len(missing) + self.m - len(parity)
             raise TooManyErasures(
                 f"{lost} of {self.n} shards lost but only {self.m} parity shards: unrecoverable"
             )
         parity = parity[: len(missing)]
-        inputs = [s for s in shards[: self.k] if s is not None]
-        inputs += [shards[self.k + j] for j in parity]  # type: ignore[misc]
-        length = max(len(s) for s in shards if s is not None)
-        recovered = iter(self._decoder(missing, parity).mul(inputs, length))
-        return [bytes(s) if s is not None else next(recovered) for s in shards[: self.k]]
+        inputs = [s for s in out if s is not None]
+        inputs += [shards[k + j] for j in parity]  # type: ignore[misc]
+        length = max(map(len, filter(None, shards)), default=0)
+        for i, shard in zip(
+            missing, self._decoder(missing, parity).mul(inputs, length), strict=True
+        ):
+            out[i] = shard
+        return out  # type: ignore[return-value]
 
     def _decoder(self, missing: tuple[int, ...], parity: tuple[int, ...]) -> Matrix:
         """Rows giving the missing data shards from (present data, then used parity).
