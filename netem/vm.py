@@ -581,10 +581,13 @@ class VM:
             stderr=open(self.workdir / ".rudp-vm" / "qemu.stderr", "wb"),  # noqa: SIM115
         )
         threading.Thread(target=self._pump, name="netem-vm-reader", daemon=True).start()
-        hello = self._receive(started + self.boot_timeout, "boot")
-        if not hello.get("ready"):
-            self._kill(f"unexpected greeting {hello!r}")
-            raise VMError(f"the guest agent sent {hello!r} instead of its greeting")
+        try:
+            hello = self._receive(started + self.boot_timeout, "boot")
+            if not hello.get("ready"):
+                raise VMError(f"the guest agent sent {hello!r} instead of its greeting")
+        except BaseException:
+            self.close()
+            raise
         self.kernel_release = hello.get("kernel", "")
         self.boot_seconds = time.monotonic() - started
         log.info("netem.vm: booted %s in %.1f s", self.kernel_release, self.boot_seconds)

@@ -1,0 +1,126 @@
+"""The kernel-netem tier: real Linux ``tc netem`` inside a qemu VM (``pytest -m kernel_netem``).
+
+One VM boots per session (the ``netem_vm`` fixture) and serves every test here:
+a boot costs 15-25 s of host time, a command a fraction of a second. The VM
+runs in exact-timing mode, so the delays asserted below are exact even on a
+loaded host. Skips only where qemu cannot run at all (``vm_available()`` says why).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import netem.vm_probe
+from netem.vm import VM, VMCommandError, VMUnavailable, vm_available
+from netem.vm_probe import flow_stats
+
+pytestmark = pytest.mark.kernel_netem
+
+PROBE = str(Path(netem.vm_probe.__file__).resolve())
+
+
+@pytest.fixture(scope="session")
+def netem_vm() -> Iterator[VM]:
+    ok, reason = vm_available()
+    if not ok:
+        pytest.skip(f"kernel-netem tier: {reason}")
+    vm = VM()
+    try:
+        vm.start()
+    except VMUnavailable as exc:
+        pytest.skip(f"kernel-netem tier: {exc}")
+    yield vm
+    vm.close()
+
+
+def link(vm: VM, forward: str = "", reverse: str = "") -> None:
+    vm.run([vm.python, PROBE, "link", "--forward", forward, "--reverse", reverse]).check()
+
+
+def run_probe(vm: VM, count: int, interval: str = "2ms", *flows: str) -> dict:
+    out = vm.workdir / f"probe-{uuid.uuid4().hex}.json"
+    argv = [vm.python, PROBE, "probe", "--count", str(count), "--interval", interval]
+    for flow in flows or ("forward",):
+        argv += ["--flow", flow]
+    vm.run([*argv, "--out", str(out)], timeout=600).check()
+    return json.loads(out.read_text())
+
+
+def binomial_band(p: float, n: int, sigmas: float = 4.0) -> tuple[float, float]:
+    sd = math.sqrt(p * (1 - p) / n)
+    return p - sigmas * sd, p + sigmas * sd
+
+
+# --- the machine itself ------------------------------------------------------------------------
+
+
+def test_guest_runs_a_real_kernel_with_netem_loaded(netem_vm: VM) -> None:
+    out = netem_vm.run("uname -r; cat /proc/modules").check().stdout
+    release, modules = out.split("\n", 1)
+    assert release == netem_vm.kernel_release
+    loaded = {line.split()[0] for line in modules.splitlines()}
+    assert {"sch_netem", "veth", "9p", "overlay"} <= loaded
+
+
+def test_host_root_is_read_only_and_workdir_is_shared(netem_vm: VM, tmp_path: Path) -> None:
+    host_file = tmp_path / "host.txt"
+    host_file.write_text("host\n")
+    script = (
+        f"cat {host_file}; echo guest > {host_file}; cat {host_file}; "
+        f"echo from-guest > {netem_vm.workdir}/shared.txt"
+    )
+    assert netem_vm.run(script).check().stdout == "host\nguest\n"
+    assert host_file.read_text() == "host\n"  # the write landed in the guest's tmpfs overlay
+    assert (netem_vm.workdir / "shared.txt").read_text() == "from-guest\n"
+
+
+def test_guest_runs_this_project_with_the_host_python(netem_vm: VM) -> None:
+    code = "import netem, rudp, sys; print(sys.executable, netem.__file__)"
+    out = netem_vm.run_python(code).check().stdout.split()
+    assert out[0] == netem_vm.python
+    assert out[1] == str(Path(netem.__file__).resolve())
+
+
+def test_failing_guest_command_reports_its_stderr(netem_vm: VM) -> None:
+    result = netem_vm.run("echo nope >&2; exit 3")
+    assert (result.returncode, result.stderr) == (3, "nope\n")
+    with pytest.raises(VMCommandError, match="nope"):
+        result.check()
+    assert netem_vm.alive
+
+
+# --- real netem: the phase-1 proof -------------------------------------------------------------
+
+
+def test_netem_delay_and_loss_measured_by_probes(netem_vm: VM) -> None:
+    link(netem_vm, forward="delay 25ms loss 10%")
+    result = run_probe(netem_vm, 2000)
+    flow = result["forward"]
+    stats = flow_stats(flow)
+    lo, hi = binomial_band(0.10, stats.sent)
+    assert lo < stats.loss < hi
+    # Every missing probe is one netem dropped: nothing was lost anywhere else.
+    assert result["rcvbuf_errors"] == {"rudp-a": 0, "rudp-b": 0}
+    (qdisc,) = result["qdisc"]["forward"]
+    total_sent = stats.sent + flow["warmup_sent"]
+    assert qdisc["drops"] == total_sent - stats.received - flow["warmup_arrivals"]
+    # Exact timing: the one-way delay is netem's 25 ms plus microseconds of veth path.
+    assert stats.delay_min >= 0.025 and stats.delay_max < 0.0252
+    assert stats.duplicates == stats.reordered == 0
+
+
+def test_netem_applies_each_direction_separately(netem_vm: VM) -> None:
+    link(netem_vm, forward="delay 10ms", reverse="delay 30ms 5ms")
+    result = run_probe(netem_vm, 300, "5ms", "forward", "reverse")
+    fwd, rev = flow_stats(result["forward"]), flow_stats(result["reverse"])
+    assert fwd.loss == rev.loss == 0
+    assert fwd.delay_min >= 0.010 and fwd.delay_max < 0.0102
+    # 30 ms +- 5 ms jitter (netem's default table is uniform over [delay-jitter, delay+jitter])
+    assert rev.delay_min >= 0.025 and rev.delay_max < 0.0352
+    assert abs(rev.delay_mean - 0.030) < 0.001
