@@ -121,6 +121,10 @@ cdef enum:
     ADDR_LEN_MAX = 28  # sizeof(struct sockaddr_in6)
     # Control space for one u16 (GSO) or one int (GRO), with room to spare.
     CONTROL_SPACE = 64
+    # Payload bytes one recv_batch aims at. Bigger batches of fresh bytes objects
+    # make malloc return the freed memory to the kernel and fault it in again on
+    # the next call, which costs more per datagram than the extra system calls.
+    RECV_BUDGET = 65536
     HOST_TEXT_MAX = 1025  # NI_MAXHOST
 
 
@@ -164,6 +168,7 @@ cdef class NativeDatagramIO:
     cdef readonly int rcvbuf
     cdef readonly int sndbuf
     cdef object _pending
+    cdef double _msg_bytes  # running average of payload bytes per received message
     cdef bint _recv_busy
     cdef bint _send_busy
 
@@ -212,6 +217,7 @@ cdef class NativeDatagramIO:
         self.rcvbuf = rcvbuf
         self.sndbuf = sndbuf
         self._pending = None
+        self._msg_bytes = 1500.0
         self._last_send_addr = None
         self._last_send_len = 0
         # Slots are allocated once. Pages of the big buffer are only touched
@@ -332,6 +338,8 @@ cdef class NativeDatagramIO:
                 raise ValueError(f"max_datagrams must be at least 1, got {max_datagrams}")
             if vlen > self.max_datagrams:
                 vlen = self.max_datagrams
+        if vlen > RECV_BUDGET / self._msg_bytes:
+            vlen = max(1, <int> (RECV_BUDGET / self._msg_bytes))
         if self._recv_busy:
             raise RuntimeError("recv_batch called concurrently on one DatagramIO")
         fd = self.sock.fileno()
@@ -362,6 +370,11 @@ cdef class NativeDatagramIO:
                 return out
             raise OSError(err, strerror(err).decode())
         self.recv_messages += n
+        cdef size_t total = 0
+        for i in range(n):
+            total += self._rmsgs[i].msg_len
+        if n:
+            self._msg_bytes = 0.75 * self._msg_bytes + 0.25 * max(1.0, <double> total / n)
         for i in range(n):
             hdr = &self._rmsgs[i].msg_hdr
             if hdr.msg_flags & MSG_TRUNC:

@@ -220,6 +220,17 @@ def test_long_batches_span_several_system_calls(impl, sockets):
     assert [d for d, _ in first + drain(receiver, 700 - 16)] == data
 
 
+def test_a_call_stops_near_the_byte_budget(impl, sockets):
+    """Big batches of fresh bytes cost page faults; the rest waits for the next call."""
+    s_sock, r_sock = sockets(), sockets()
+    sender, receiver = wrap(s_sock, impl, gso=False), wrap(r_sock, impl, gro=False)
+    data = payloads([1400] * 300)
+    assert sender.send_batch(data, r_sock.getsockname()) == 300
+    first = receiver.recv_batch()
+    assert 0 < len(first) <= udp.RECV_BUDGET // 1400 + 1
+    assert [d for d, _ in first + drain(receiver, 300 - len(first))] == data
+
+
 @settings(
     max_examples=25,
     deadline=None,
