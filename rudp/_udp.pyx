@@ -202,6 +202,8 @@ cdef class NativeDatagramIO:
 
     def __init__(self, sock, *, bint gso, bint gro, int max_datagrams=64,
                  Py_ssize_t recv_size=65536, int rcvbuf=0, int sndbuf=0):
+        if self._rbuf != NULL:
+            raise RuntimeError("NativeDatagramIO is already initialised")
         if max_datagrams < 1 or max_datagrams > 1024:
             raise ValueError(f"max_datagrams must be in [1, 1024], got {max_datagrams}")
         if recv_size < 1 or recv_size > 65536:
