@@ -398,10 +398,7 @@ class FecController:
         on_above: float = 0.005,
         off_below: float = 0.002,
     ) -> None:
-        if isinstance(max_parity, bool) or not isinstance(max_parity, int):
-            raise ValueError(f"max_parity must be an integer in [1, 254], got {max_parity!r}")
-        if not 1 <= max_parity <= 254:
-            raise ValueError(f"max_parity must be an integer in [1, 254], got {max_parity!r}")
+        _check_int("max_parity", max_parity, 1, 254)
         if not 0.0 < target < 1.0:
             raise ValueError(f"target must be in (0, 1), got {target!r}")
         if not 0.0 <= off_below <= on_above <= 1.0:
