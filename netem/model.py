@@ -104,6 +104,7 @@ class QueueStats:
     """What one direction did to the packets offered to it."""
 
     offered: int = 0  # packets handed in (not counting duplicates)
+    offered_bytes: int = 0  # their bytes (without frame overhead)
     lost: int = 0  # dropped by the loss model
     duplicated: int = 0  # extra copies made
     corrupted: int = 0
@@ -236,6 +237,7 @@ class NetemQueue:
             self._slot_packets = self._slot.packets or _INT_MAX
             self._slot_bytes = self._slot.bytes or _INT_MAX
         self.stats.offered += 1
+        self.stats.offered_bytes += len(packet)
         self._enqueue(packet, meta, now, False)
         self._dequeue(now)
 
