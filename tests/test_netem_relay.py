@@ -9,6 +9,7 @@ adds (it must never deliver early; its lateness is reported and loosely bounded)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import statistics
 import time
@@ -127,7 +128,7 @@ def test_relay_makes_the_same_decisions_as_the_virtual_link(tc):
             # Who overtakes whom depends on real send times, which wobble around
             # the 1 ms grid: the same packets arrive, in a similar order.
             assert sorted(got) == sorted(expected)
-            swaps = sum(1 for a, b in zip(got, got[1:], strict=False) if b < a)
+            swaps = sum(1 for a, b in itertools.pairwise(got) if b < a)
             assert swaps > n // 20
         else:
             assert got == expected
@@ -219,9 +220,21 @@ def test_standalone_relay_process_prints_its_address_and_stats(tmp_path):
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 0))
     server.settimeout(5)
+    host, port = server.getsockname()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netem.relay", "--profile", "lossy", "--netem", "delay 1ms"]
-        + ["--server", "%s:%d" % server.getsockname(), "--seed", "3"],
+        [
+            sys.executable,
+            "-m",
+            "netem.relay",
+            "--profile",
+            "lossy",
+            "--netem",
+            "delay 1ms",
+            "--server",
+            f"{host}:{port}",
+            "--seed",
+            "3",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
