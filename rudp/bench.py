@@ -65,6 +65,7 @@ class BenchParams:
     udp_variants: tuple[str, ...] = UDP_VARIANTS
     idle: int = 0
     idle_time: float = 10.0
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         if not 1024 <= self.size <= 1 << 40:
@@ -91,6 +92,8 @@ class BenchParams:
             raise ValueError(f"idle must be in [0, 100000] connections, got {self.idle}")
         if not 0.1 <= self.idle_time <= 3600:
             raise ValueError(f"idle time must be in [0.1s, 1h], got {self.idle_time}")
+        if not 1 <= self.repeat <= 100:
+            raise ValueError(f"repeat must be in [1, 100], got {self.repeat}")
 
     @property
     def datagram_size(self) -> int:
@@ -725,6 +728,10 @@ def _engine_env(engine: str | None) -> Iterator[None]:
             os.environ["RUDP_ENGINE"] = old
 
 
+#: The value that ranks repeated runs of each kind of measurement.
+_MEDIAN_OF = {"bulk": "goodput_mb_s", "echo": "p50_us", "idle": "cpu_fraction"}
+
+
 def run_bench(
     params: BenchParams, on_step: Callable[[str, str], None] | None = None
 ) -> dict[str, Any]:
@@ -732,6 +739,10 @@ def run_bench(
 
     A measurement that fails is reported under ``errors`` and the run goes on.
     ``on_step(section, name)`` is called before each measurement (progress display).
+    With ``repeat > 1`` the whole sequence runs that many times, interleaved so
+    that a change in the machine's load hits every transport alike, and each
+    entry is the median run (by goodput, p50 or idle CPU) with the values of
+    all runs under ``repeats``.
     """
     report: dict[str, Any] = {
         "load_before": _load(),
@@ -744,27 +755,37 @@ def run_bench(
             "sndwnd": params.configuration.sndwnd,
             "rcvwnd": params.configuration.rcvwnd,
             "streams": params.streams,
+            "repeat": params.repeat,
         },
         "errors": [],
         "skipped": {},
     }
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with _engine_env(params.engine):
-        for section, name, measure in _steps(params):
-            if on_step is not None:
-                on_step(section, name)
-            reason = _skip_reason(params, section, name)
-            if reason:
-                report["skipped"][f"{section}/{name}"] = reason
-                continue
-            try:
-                result = measure()
-            except Exception as exc:
-                report["errors"].append(f"{section}/{name}: {exc}")
-                continue
-            if section == "idle":
-                report["idle"] = result
-            else:
-                report.setdefault(section, {})[name] = result
+        for _ in range(params.repeat):
+            for section, name, measure in _steps(params):
+                if on_step is not None:
+                    on_step(section, name)
+                reason = _skip_reason(params, section, name)
+                if reason:
+                    report["skipped"][f"{section}/{name}"] = reason
+                    continue
+                try:
+                    result = measure()
+                except Exception as exc:
+                    report["errors"].append(f"{section}/{name}: {exc}")
+                    continue
+                runs.setdefault((section, name), []).append(result)
+    for (section, name), results in runs.items():
+        key = _MEDIAN_OF[section]
+        results.sort(key=lambda r: r[key])
+        result = results[(len(results) - 1) // 2]
+        if params.repeat > 1:
+            result["repeats"] = [r[key] for r in results]
+        if section == "idle":
+            report["idle"] = result
+        else:
+            report.setdefault(section, {})[name] = result
     report["load_after"] = _load()
     engines = [r.get("engine") for s in ("bulk", "echo") for r in report.get(s, {}).values()]
     report["engine"] = next((e for e in engines if e), params.engine or _engine_name())
@@ -828,6 +849,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--idle", type=int, default=0, metavar="N", help="also measure N idle rudp connections"
     )
     group.add_argument("--idle-time", default="10s", help="idle measurement time (default: 10s)")
+    group.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run everything N times, interleaved, and report the median run (default: 1)",
+    )
     group.add_argument("--json", action="store_true", help="print one JSON object")
     group.add_argument(
         "--check", action="store_true", help="exit 1 when a project target is missed"
@@ -850,6 +877,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         udp_variants=args.udp_variants,
         idle=args.idle,
         idle_time=units.parse_duration(args.idle_time, "idle time"),
+        repeat=args.repeat,
     )
 
 
@@ -877,7 +905,7 @@ def _run_with_progress(params: BenchParams) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
-    steps = len(_steps(params))
+    steps = len(_steps(params)) * params.repeat
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("rudp bench", total=steps)

@@ -105,6 +105,7 @@ def test_a_failed_measurement_is_reported_and_exits_1(monkeypatch, capsys):
         (["--samples", "1"], "samples"),
         (["--streams", "0"], "streams"),
         (["--idle-time", "0"], "idle time"),
+        (["--repeat", "0"], "repeat"),
         (["--mtu", "10"], "mtu"),
     ],
 )
@@ -174,6 +175,18 @@ def test_check_turns_missed_targets_into_exit_1(monkeypatch, capsys):
     assert bench.run(parse(["--json"])) == 0
     assert bench.run(parse(["--json", "--check"])) == 1
     capsys.readouterr()
+
+
+def test_repeat_reports_the_median_run_and_all_values(monkeypatch):
+    goodputs = iter([5.0, 1.0, 3.0])
+
+    def fake_bulk(receiver, sender, params, *extra):
+        return {"goodput_mb_s": next(goodputs)}
+
+    monkeypatch.setattr(bench, "_bulk", fake_bulk)
+    params = bench.BenchParams(transports=("tcp",), tests=("bulk",), repeat=3)
+    report = bench.run_bench(params)
+    assert report["bulk"]["tcp"] == {"goodput_mb_s": 3.0, "repeats": [1.0, 3.0, 5.0]}
 
 
 def test_engine_choice_reaches_the_children(monkeypatch):
