@@ -835,6 +835,11 @@ class Arq:
         return self._conv
 
     @property
+    def mtu(self) -> int:
+        """Byte budget of one output datagram."""
+        return self._mtu
+
+    @property
     def mss(self) -> int:
         """Payload bytes per segment: mtu - 24."""
         return self._mss
@@ -842,6 +847,10 @@ class Arq:
     @property
     def stream(self) -> bool:
         return self._stream
+
+    @property
+    def pacing(self) -> bool:
+        return self._pacing
 
     @property
     def srtt(self) -> int:

@@ -4,8 +4,8 @@ Datagrams are drawn by hypothesis: raw noise, and sequences of well-framed KCP
 segments with arbitrary fields (right and wrong conv, every cmd, sn/una near
 and far from the engine's own, lengths that lie). Segments with the right
 conv and plausible numbers are indistinguishable from a real peer (KCP has no
-authentication), so the checks after the fuzz use the side of the engine that
-such input cannot fake: what it sends.
+authentication): they may inject data into the receive stream. So the checks
+after the fuzz use the direction such input cannot corrupt: what it sends.
 """
 
 from __future__ import annotations
@@ -68,15 +68,21 @@ def bound(arq) -> int:
 
 
 def transfer_still_works(arq_cls, x, now):
-    """``x`` sends fresh data to a fresh peer; every byte must arrive."""
-    y = arq_cls(CONV, stream=True, rcv_wnd=64)
+    """``x`` sends fresh data to a fresh peer; every byte must arrive.
+
+    Forged PUSH segments may have advanced x's rcv_nxt (what it acknowledges as una),
+    and a peer drops segments acknowledging data it never sent; so the peer first
+    queues 100 segments of its own, putting its snd_nxt past anything x accepted.
+    """
+    y = arq_cls(CONV, stream=True, snd_wnd=128, rcv_wnd=64, congestion="none")
+    y.send(bytes(100 * y.mss))
     data = bytes(range(256)) * 30
     x.send(data)
     got = b""
     for step in range(2000):
         t = now + step
-        x.flush(t)
         y.flush(t)
+        x.flush(t)
         for d in x.datagrams():
             y.input(d, t)
         for d in y.datagrams():
