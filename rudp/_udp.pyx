@@ -251,10 +251,6 @@ cdef class NativeDatagramIO:
         free(self._rctl)
 
     @property
-    def native(self) -> bool:
-        return True
-
-    @property
     def capabilities(self):
         from rudp.udp import Capabilities
 

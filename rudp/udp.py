@@ -225,8 +225,6 @@ class PythonDatagramIO:
     """Portable implementation: ``recvfrom``/``sendto``, or on Linux ``recvmsg``/``sendmsg``
     carrying the GRO/GSO control messages. The specification of the native one."""
 
-    native = False
-
     def __init__(
         self,
         sock: socket.socket,
