@@ -303,7 +303,7 @@ class StreamInfo:
     opened_locally: bool
     recv_buffered: int  # bytes received, not yet read
     send_buffered: int  # bytes accepted by send(), not yet framed
-    recv_window: int | None  # bytes the peer may still send (v2), None in v1
+    recv_window: int | None  # v2: what our last UPD lets the peer still send; None in v1
     send_window: int | None  # bytes we may still send before an UPD (v2), None in v1
     eof_received: bool
     fin_sent: bool
@@ -575,7 +575,7 @@ class Session:
             opened_locally=st.local,
             recv_buffered=st.rx.size,
             send_buffered=st.tx.size,
-            recv_window=self._allowed(st) - st.received if v2 else None,
+            recv_window=max(0, st.limit - st.received) if v2 else None,
             send_window=self._send_window(st) if v2 else None,
             eof_received=st.eof,
             fin_sent=st.fin_sent,
@@ -858,14 +858,16 @@ class Session:
     def _do_abort(self, st: _Stream, body: bytes | None) -> None:
         st.tx.clear()
         st.fin_pending = False
-        # If its SYN is still queued the peer never hears of the stream: the SYN
-        # is skipped once the stream is gone, and nothing else is sent.
-        if st.syn_sent:
-            if self.extensions:
-                self._control.append((_RST, st.sid, RST_RESET))
-                self.stats.resets_sent += 1
-            elif not st.fin_committed:
-                self._control.append((_FIN, st.sid, 0))
+        if not st.syn_sent:
+            # Its SYN is still queued: withdraw it (and its UPD); the peer never hears of it.
+            kept = [item for item in self._control if item[1] != st.sid]
+            self._control.clear()
+            self._control.extend(kept)
+        elif self.extensions:
+            self._control.append((_RST, st.sid, RST_RESET))
+            self.stats.resets_sent += 1
+        elif not st.fin_committed:
+            self._control.append((_FIN, st.sid, 0))
         self._release(st)
 
     def _do_abandon(self, st: _Stream, body: bytes | None) -> None:
@@ -1173,7 +1175,7 @@ class Session:
     def _lookup(self, sid: int) -> _Stream:
         self._check_open()
         st = self._streams.get(sid)
-        if st is None:
+        if st is None or st.abandoned:
             raise ClosedError(f"stream {sid} is closed")
         return st
 
