@@ -231,3 +231,15 @@ def test_probe_summary_counts_loss_duplicates_and_reordering():
     assert s["reordered"] == pytest.approx(0.25)
     assert s["delay_max"] == pytest.approx(40e-9)
     assert socket  # the probes are plain UDP sockets
+
+
+def test_benchmark_runs_and_reports_a_lossless_link():
+    if "tun" not in CAPS.backends:
+        pytest.skip(CAPS.describe())
+    from netem.bench import run
+
+    report = run(netem.load_profile("lan"), pps=2000, size=200, duration=0.5)
+    assert report["backend"] == "tun"
+    assert report["loss"] == 0
+    assert report["delivered_pps"] > 0
+    assert report["forwarder_lateness_ms_mean"] is not None
