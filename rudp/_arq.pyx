@@ -606,9 +606,9 @@ cdef class Arq:
             self.count_skips(sn, ts)
 
     cdef void count_skips(self, uint32_t sn, uint32_t ts) noexcept:
-        cdef uint32_t k = self.snd_una
+        cdef uint32_t k = self.snd_una  # may already be past sn: nothing to count then
         cdef Seg *seg
-        while k != sn:
+        while tdiff(sn, k) > 0:
             seg = self.flight[k & self.snd_mask]
             if seg != NULL and tdiff(ts, seg.ts) >= 0:
                 seg.fastack += 1

@@ -516,8 +516,8 @@ class Arq:
         """The ACK of ``sn`` skipped every unacknowledged segment below it that was last
         sent no later than ``sn`` was."""
         flight, mask = self._flight, self._snd_mask
-        k = self._snd_una
-        while k != sn:
+        k = self._snd_una  # may already be past sn: then nothing below it is unacknowledged
+        while _diff(sn, k) > 0:
             seg = flight[k & mask]
             if seg is not None and _diff(ts, seg.ts) >= 0:
                 seg.fastack += 1

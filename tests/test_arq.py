@@ -375,6 +375,18 @@ def test_fast_retransmit_is_limited_per_segment(arq_cls):
     assert a.check(29) == 5 + 200  # only the timer is left: last fast retransmit at t=5
 
 
+def test_ack_of_the_oldest_segment_without_una_moves_on(arq_cls):
+    """An ACK that removes the first unacknowledged segment (its una lagging behind)
+    moves snd_una past it; skip counting must not walk the whole sequence space."""
+    a = make(arq_cls, nodelay=1, resend=2, congestion="none")
+    a.send(bytes(3 * a.mss))
+    a.flush(0)
+    a.datagrams()
+    assert a.input(raw(KCP_CMD_ACK, sn=0, ts=0, una=0), 1) == 1
+    assert a.input(raw(KCP_CMD_ACK, sn=2, ts=0, una=0), 1) == 1
+    assert a.inflight == 1 and a.check(1) == 200
+
+
 def test_no_fast_retransmit_when_resend_is_zero(arq_cls):
     _, acks = five_in_flight(arq_cls)
     c = make(arq_cls, nodelay=1, resend=0, congestion="none")
