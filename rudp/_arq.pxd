@@ -143,7 +143,8 @@ cdef class Arq:
     cdef void assemble(self, Seg *seg) noexcept
     cdef int wnd_unused(self) noexcept
     cdef bint queued(self) noexcept
-    cdef void admit(self, uint32_t now, int limit) noexcept
+    cdef void admit(self, uint32_t now, int limit, int wnd, uint32_t una) noexcept
+    cdef void transmit(self, Seg *seg, uint32_t now, int wnd, uint32_t una) noexcept
     cdef int64_t pace_rate(self, int limit) noexcept
     cdef bint pace_update(self, uint32_t now, int limit) noexcept
     cdef int64_t pace_delay(self, uint32_t now, int limit) noexcept

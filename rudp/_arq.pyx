@@ -768,9 +768,9 @@ cdef class Arq:
     cdef void flush_c(self, uint32_t now) noexcept:
         """``flush`` for C callers."""
         cdef int wnd, limit, i
-        cdef uint32_t una, sn, end, first_new, slack, grown, earliest = 0
+        cdef uint32_t una, sn, end, grown, earliest = 0
         cdef uint64_t emitted
-        cdef bint lost = False, change = False, scan_all, had_flight, have_min, exact
+        cdef bint lost = False, change = False, have_min = False
         cdef Seg *seg
         if self._dead:
             return
@@ -804,68 +804,59 @@ cdef class Arq:
             self.st[S_WINS] += 1
         self.probe = 0
 
+        # retransmissions first; the congestion controller reacts to them; then new
+        # data goes out under the window as it is now, so nothing is left due.
+        # The flight is scanned only when a timer (resend_min is a lower bound of
+        # them all) or a fast retransmission can be due; the scan makes it exact.
         limit = self.limit()
-        # Only the segments admitted now can be due, unless a timer or a fast
-        # retransmission is (resend_min never exceeds the earliest timer). The scan
-        # recomputes resend_min: exactly when it covers the whole flight.
-        had_flight = self.nflight > 0
-        scan_all = self.fast_due or (had_flight and tdiff(now, self.resend_min) >= 0)
-        first_new = self.snd_nxt
-        self.admit(now, limit)
-        if scan_all or not had_flight:
+        if self.nflight and (self.fast_due or tdiff(now, self.resend_min) >= 0):
             sn = self.snd_una
-            have_min, exact = False, True
-        else:
-            sn = first_new
-            have_min, exact, earliest = True, self.resend_exact, self.resend_min
-        end = self.snd_nxt
-        slack = <uint32_t>(self._rto >> 3) if self.nodelay == 0 else 0
-        while sn != end:
-            seg = self.flight[sn & self.snd_mask]
-            sn += 1
-            if seg == NULL:
-                continue
-            if seg.xmit == 0:
-                seg.rto = self._rto
-                seg.resendts = now + seg.rto + slack
-            elif tdiff(now, seg.resendts) >= 0:
-                grown = seg.rto + seg.rto // 2 if self.nodelay else seg.rto * 2
-                seg.rto = <uint32_t>imin(grown, self.rto_max)
-                seg.resendts = now + seg.rto
-                lost = True
-                self.st[S_LOST] += 1
+            end = self.snd_nxt
+            while sn != end:
+                seg = self.flight[sn & self.snd_mask]
+                sn += 1
+                if seg == NULL:
+                    continue
+                if tdiff(now, seg.resendts) >= 0:
+                    grown = seg.rto + seg.rto // 2 if self.nodelay else seg.rto * 2
+                    seg.rto = <uint32_t>imin(grown, self.rto_max)
+                    seg.resendts = now + seg.rto
+                    lost = True
+                    self.st[S_LOST] += 1
+                elif (self.resend and seg.fastack >= <uint32_t>self.resend
+                      and seg.fastx < <uint32_t>self.fast_limit):
+                    seg.fastx += 1
+                    seg.resendts = now + seg.rto
+                    change = True
+                    self.st[S_FAST_RETRANS] += 1
+                else:
+                    if not have_min or tdiff(seg.resendts, earliest) < 0:
+                        earliest, have_min = seg.resendts, True
+                    continue
                 self.st[S_RETRANS] += 1
-            elif (self.resend and seg.fastack >= <uint32_t>self.resend
-                  and seg.fastx < <uint32_t>self.fast_limit):
-                seg.fastx += 1
-                seg.resendts = now + seg.rto
-                change = True
-                self.st[S_FAST_RETRANS] += 1
-                self.st[S_RETRANS] += 1
-            else:
+                self.transmit(seg, now, wnd, una)
                 if not have_min or tdiff(seg.resendts, earliest) < 0:
                     earliest, have_min = seg.resendts, True
-                continue
-            seg.xmit += 1
-            seg.ts = now
-            seg.fastack = 0
-            if not have_min or tdiff(seg.resendts, earliest) < 0:
-                earliest, have_min = seg.resendts, True
-            self.emit(CMD_PUSH, seg.frg, wnd, now, seg.sn, una, seg_data(seg), seg.len)
-            self.st[S_OUT_BYTES] += seg.len
-            if seg.xmit >= <uint32_t>self.dead_link:
-                self._dead = True
-        self.end_datagram()
+            self.resend_min, self.resend_exact = earliest, True
         self.fast_due = False
-        if have_min:
-            self.resend_min, self.resend_exact = earliest, exact
-
         if change:
             self.cc.on_fast_retransmit(tdiff(self.snd_nxt, self.snd_una), self.resend)
         if lost:
             self.cc.on_timeout(limit)
+        if not self._dead:
+            self.admit(now, self.limit(), wnd, una)
+        self.end_datagram()
         if self.st[S_OUT_SEGS] != emitted:
             self.adv_zero = wnd == 0
+
+    cdef void transmit(self, Seg *seg, uint32_t now, int wnd, uint32_t una) noexcept:
+        seg.xmit += 1
+        seg.ts = now
+        seg.fastack = 0
+        self.emit(CMD_PUSH, seg.frg, wnd, now, seg.sn, una, seg_data(seg), seg.len)
+        self.st[S_OUT_BYTES] += seg.len
+        if seg.xmit >= <uint32_t>self.dead_link:
+            self._dead = True
 
     cdef int limit(self) noexcept:
         return <int>imin(imin(self.snd_wnd, self._rmt_wnd), self.cc.window())
@@ -873,17 +864,19 @@ cdef class Arq:
     cdef bint queued(self) noexcept:
         return bq_len(&self.sndq) > 0 if self.stream else self.msg_lens.count > 0
 
-    cdef void admit(self, uint32_t now, int limit) noexcept:
+    cdef void admit(self, uint32_t now, int limit, int wnd, uint32_t una) noexcept:
+        """Cut queued bytes into new segments and send them while the windows and the
+        pacer allow; a first timer gets KCP's rto/8 slack in normal mode."""
         cdef bint pacing = self.pacing and self.pace_update(now, limit)
         cdef size_t size
-        cdef uint32_t left, frg
-        cdef uint32_t *front
+        cdef uint32_t left = 0, frg
+        cdef uint32_t *front = NULL
         cdef Seg *seg
         cdef uint32_t mss = self.mss
+        cdef uint32_t slack = <uint32_t>(self._rto >> 3) if self.nodelay == 0 else 0
         while self.queued() and tdiff(self.snd_nxt, self.snd_una) < limit:
-            if pacing:
-                if self.pace_credit < PACE_UNIT:
-                    break
+            if pacing and self.pace_credit < PACE_UNIT:
+                break
             if self.stream:
                 size = <size_t>imin(bq_len(&self.sndq), mss)
                 frg = 0
@@ -906,10 +899,17 @@ cdef class Arq:
             seg.sn = self.snd_nxt
             seg.frg = <uint8_t>frg
             bq_pop_into(&self.sndq, seg_data(seg), size)
+            seg.rto = self._rto
+            seg.resendts = now + seg.rto + slack
+            if self.nflight == 0:
+                self.resend_min, self.resend_exact = seg.resendts, True
+            elif tdiff(seg.resendts, self.resend_min) < 0:
+                self.resend_min = seg.resendts
             self.flight[self.snd_nxt & self.snd_mask] = seg
             self.nflight += 1
             self.flight_bytes += size
             self.snd_nxt += 1
+            self.transmit(seg, now, wnd, una)
 
     cdef int64_t pace_rate(self, int limit) noexcept:
         cdef int64_t rtt = self._srtt if self.has_rtt else self._rto

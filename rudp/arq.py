@@ -658,58 +658,65 @@ class Arq:
             st["wins_segs"] += 1
         self._probe = 0
 
-        limit = min(self._snd_wnd, self._rmt_wnd, self._cc.window())
-        self._admit(now, limit)
-
+        # retransmissions first; the congestion controller reacts to them; then new
+        # data goes out under the window as it is now, so nothing is left due
+        limit = self._window()
         lost = change = False
         flight, mask = self._flight, self._snd_mask
-        slack = self._rto >> 3 if self._nodelay == 0 else 0
         sn = self._snd_una
         while sn != self._snd_nxt:
             seg = flight[sn & mask]
             sn = (sn + 1) & _MASK
             if seg is None:
                 continue
-            if seg.xmit == 0:
-                seg.rto = self._rto
-                seg.resendts = (now + seg.rto + slack) & _MASK
-            elif _diff(now, seg.resendts) >= 0:
+            if _diff(now, seg.resendts) >= 0:
                 grown = seg.rto + seg.rto // 2 if self._nodelay else seg.rto * 2
                 seg.rto = min(grown, self._rto_max)
                 seg.resendts = (now + seg.rto) & _MASK
                 lost = True
                 st["lost_segs"] += 1
-                st["retrans_segs"] += 1
             elif self._resend and seg.fastack >= self._resend and seg.fastx < self._fast_limit:
                 seg.fastx += 1
                 seg.resendts = (now + seg.rto) & _MASK
                 change = True
                 st["fast_retrans_segs"] += 1
-                st["retrans_segs"] += 1
             else:
                 continue
-            seg.xmit += 1
-            seg.ts = now
-            seg.fastack = 0
-            hdr = pack(conv, KCP_CMD_PUSH, seg.frg, wnd, now, seg.sn, una, len(seg.data))
-            self._emit(hdr, seg.data)
-            st["out_bytes"] += len(seg.data)
-            if seg.xmit >= self._dead_link:
-                self._dead = True
-        self._end_datagram()
+            st["retrans_segs"] += 1
+            self._transmit(seg, now, wnd, una)
         self._fast_due = False
-
         if change:
             self._cc.on_fast_retransmit(_diff(self._snd_nxt, self._snd_una), self._resend)
         if lost:
             self._cc.on_timeout(limit)
+        if not self._dead:
+            self._admit(now, self._window(), wnd, una)
+        self._end_datagram()
         if st["out_segs"] != emitted:
             self._adv_zero = wnd == 0
 
-    def _admit(self, now: int, limit: int) -> None:
-        """Cut queued bytes into new segments while the windows and the pacer allow."""
+    def _window(self) -> int:
+        """Segments the flight may span: send window, peer's window, congestion window."""
+        return min(self._snd_wnd, self._rmt_wnd, self._cc.window())
+
+    def _transmit(self, seg: _Seg, now: int, wnd: int, una: int) -> None:
+        seg.xmit += 1
+        seg.ts = now
+        seg.fastack = 0
+        hdr = KCP_HEADER.pack(
+            self._conv, KCP_CMD_PUSH, seg.frg, wnd, now, seg.sn, una, len(seg.data)
+        )
+        self._emit(hdr, seg.data)
+        self._stats["out_bytes"] += len(seg.data)
+        if seg.xmit >= self._dead_link:
+            self._dead = True
+
+    def _admit(self, now: int, limit: int, wnd: int, una: int) -> None:
+        """Cut queued bytes into new segments and send them, while the windows and the
+        pacer allow. A first timer gets KCP's rto/8 slack in normal mode."""
         pacing = self._pacing and self._pace_update(now, limit)
         mss = self._mss
+        slack = self._rto >> 3 if self._nodelay == 0 else 0
         while self._queued() and _diff(self._snd_nxt, self._snd_una) < limit:
             if pacing:
                 if self._pace_credit < PACE_UNIT:
@@ -728,10 +735,13 @@ class Arq:
                 self._msg_segs -= 1
             seg = _Seg(self._snd_nxt, frg, bytes(self._sndq[:size]))
             del self._sndq[:size]
+            seg.rto = self._rto
+            seg.resendts = (now + seg.rto + slack) & _MASK
             self._flight[self._snd_nxt & self._snd_mask] = seg
             self._nflight += 1
             self._flight_bytes += size
             self._snd_nxt = (self._snd_nxt + 1) & _MASK
+            self._transmit(seg, now, wnd, una)
 
     def _queued(self) -> bool:
         """Anything waiting to enter the flight (message mode may queue empty messages)."""
@@ -796,7 +806,7 @@ class Arq:
             return now
         best: int | None = None
         if self._queued():
-            limit = min(self._snd_wnd, self._rmt_wnd, self._cc.window())
+            limit = self._window()
             if self._rmt_wnd == 0:
                 if self._probe_wait == 0:
                     return now

@@ -7,7 +7,8 @@ flushes, deliveries through a scripted link that drops, duplicates, reorders,
 truncates, bit-flips and injects garbage, time steps (small, large, backwards
 never), reads, and ``check()`` calls. The same script drives a Python pair and
 a Cython pair; every return value, every datagram, every deadline and every
-property and counter must be equal after every step.
+property and counter must be equal after every step. Along the way it checks
+that ``flush`` leaves nothing due: ``check()`` right after it is later or None.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def run_script(cy_cls, seed: int, steps: int) -> None:
             side.call("send", arg)
         elif op < 0.45:
             side.call("flush", now)
+            after = side.call("check", now)
+            assert after is None or after > now, "flush left something due"
             out = side.call("datagrams")
             for d in path.carry(out, now):
                 arg = d if rng.random() < 0.8 else bytearray(d)
