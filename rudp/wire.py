@@ -159,6 +159,14 @@ SMUX_UPD_BODY = struct.Struct("<II")
 #           my data is acknowledged; repeated until CLOSE_ACK
 #   CLOSE_ACK  (empty)
 #   RESET   u16 code | reason (utf-8)  abort: queued data is discarded
+#   DATA_FEC  group u32 | index u8 | KCP segments      (a data packet inside an FEC group)
+#   PARITY    group u32 | index u8 | count u8 | m u8 | parity shard
+#           count = data packets in the group (k' <= k: a group closes early when its
+#           time bound expires), m = parity packets of the group. The protected shard is
+#           u16 (len + 2) | KCP segments, zero-padded to the group's longest; the size
+#           prefix and padding never travel with data packets (see rudp.fec).
+#   FEC_REPORT  u16 loss   the receiver's measured raw packet loss, in 1/65535 units,
+#           so an fec="auto" sender can size its parity (FEC hides loss from the ARQ)
 #
 # PARAMS (16 bytes):
 #   0      2        4      5      6      7       8               12      14      16
@@ -183,8 +191,16 @@ RUDP_OVERHEAD = RUDP_HEADER.size  # 10
     PKT_CLOSE,
     PKT_CLOSE_ACK,
     PKT_RESET,
-) = range(1, 10)
-PACKET_TYPES = range(PKT_INIT, PKT_RESET + 1)
+    PKT_DATA_FEC,
+    PKT_PARITY,
+    PKT_FEC_REPORT,
+) = range(1, 13)
+PACKET_TYPES = range(PKT_INIT, PKT_FEC_REPORT + 1)
+FEC_DATA = struct.Struct("<IB")
+FEC_PARITY = struct.Struct("<IBBB")
+FEC_REPORT = struct.Struct("<H")
+#: Extra bytes FEC adds around a KCP payload, at most (a parity packet: header + size prefix).
+FEC_OVERHEAD = FEC_PARITY.size + 2
 
 PARAMS = struct.Struct("<HHBBBBIHH")
 FLAG_MESSAGE_MODE = 0x01
