@@ -46,6 +46,7 @@ __all__ = [
     "probe_stats",
     "qdisc_stats",
     "remove_link",
+    "run_scenario",
     "udp_rcvbuf_errors",
 ]
 
@@ -72,46 +73,52 @@ def remove_link() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def make_link(
-    forward: str | Sequence[str] = (), reverse: str | Sequence[str] = (), *, mtu: int = 1500
-) -> None:
-    """Fresh namespaces A and B joined by veth, netem on each side's egress.
+def _link_exists() -> bool:
+    try:
+        for ns, dev in ((NS_A, DEV_A), (NS_B, DEV_B)):
+            with _Netns(ns):
+                socket.if_nametoindex(dev)
+    except OSError:
+        return False
+    return True
 
-    ``forward``/``reverse`` are netem option strings (``"delay 25ms loss 10%"``,
-    applied as ``tc qdisc add dev DEV root netem ...``) or lists of complete
-    ``tc`` command lines, run as given inside the sending side's namespace.
-    """
+
+def _create_link() -> None:
     remove_link()
     for ns in (NS_A, NS_B):
         _sh(["ip", "netns", "add", ns])
-    _sh(
-        [
-            "ip",
-            "link",
-            "add",
-            DEV_A,
-            "netns",
-            NS_A,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            DEV_B,
-            "netns",
-            NS_B,
-        ]
-    )
+    veth = ["ip", "link", "add", DEV_A, "netns", NS_A, "type", "veth"]
+    _sh([*veth, "peer", "name", DEV_B, "netns", NS_B])
     for ns, dev, addr in ((NS_A, DEV_A, ADDR_A), (NS_B, DEV_B, ADDR_B)):
         _sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
-        _sh(["ip", "-n", ns, "link", "set", dev, "mtu", str(mtu), "up"])
+        _sh(["ip", "-n", ns, "link", "set", dev, "up"])
         _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def make_link(forward: str | Sequence[str] = (), reverse: str | Sequence[str] = ()) -> None:
+    """Namespaces A and B joined by veth, with fresh netem qdiscs on each side's egress.
+
+    ``forward``/``reverse`` are netem option strings (``"delay 25ms loss 10%"``,
+    applied as ``tc qdisc add dev DEV root netem ...``) or lists of complete
+    ``tc`` command lines, run as given inside the sending side's namespace. The
+    namespaces and veth are made once and kept (every process spawned in the
+    guest costs a good fraction of a second); each call replaces the qdiscs.
+    """
+    if _link_exists():
+        for ns, dev in ((NS_A, DEV_A), (NS_B, DEV_B)):
+            subprocess.run(
+                ["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True
+            )
+    else:
+        _create_link()
     for ns, dev, spec in ((NS_A, DEV_A, forward), (NS_B, DEV_B, reverse)):
         if isinstance(spec, str):
             commands = [f"tc qdisc add dev {dev} root netem {spec}"] if spec.strip() else []
         else:
             commands = list(spec)
-        for command in commands:
-            _sh(["ip", "netns", "exec", ns, *shlex.split(command)])
+        with _Netns(ns):  # children inherit the namespace
+            for command in commands:
+                _sh(shlex.split(command))
 
 
 def qdisc_stats(ns: str, dev: str) -> list[dict]:
@@ -121,9 +128,8 @@ def qdisc_stats(ns: str, dev: str) -> list[dict]:
 
 def udp_rcvbuf_errors(ns: str) -> int:
     """UDP receive-buffer drops in a namespace (a probe lost there is not netem's doing)."""
-    lines = [
-        ln.split() for ln in _sh(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]).splitlines()
-    ]
+    with _Netns(ns), open("/proc/self/net/snmp") as f:
+        lines = [ln.split() for ln in f]
     udp = [ln for ln in lines if ln and ln[0] == "Udp:"]
     row = dict(zip(udp[0][1:], udp[1][1:], strict=True))
     return int(row.get("RcvbufErrors", 0))
@@ -180,6 +186,7 @@ def probe(
     if size < 8:
         raise ValueError(f"size must be >= 8 bytes, got {size}")
     flows = list(flows)
+    errors_before = {ns: udp_rcvbuf_errors(ns) for ns in (NS_A, NS_B)}
     senders, receivers = {}, {}
     for i, flow in enumerate(flows):
         tx_ns, tx_addr, rx_ns, rx_addr = _FLOWS[flow]
@@ -239,7 +246,7 @@ def probe(
                     results[flow]["sent"].append(stamp)
         drain(time.time_ns() + int(settle * 1e9))
     out: dict = dict(results)
-    out["rcvbuf_errors"] = {ns: udp_rcvbuf_errors(ns) for ns in (NS_A, NS_B)}
+    out["rcvbuf_errors"] = {ns: udp_rcvbuf_errors(ns) - errors_before[ns] for ns in (NS_A, NS_B)}
     for sock in senders.values():
         sock.close()
     for _, rx in receivers.values():
@@ -336,6 +343,22 @@ def flow_stats(flow: dict) -> ProbeStats:
     return probe_stats(*flow_times(flow))
 
 
+def run_scenario(
+    forward: str | Sequence[str] = (),
+    reverse: str | Sequence[str] = (),
+    count: int = 1000,
+    interval: float = 0.002,
+    size: int = 64,
+    flows: Sequence[str] = ("forward",),
+    settle: float = 2.0,
+) -> dict:
+    """Build the link, probe it (unless ``count`` is 0), add both qdiscs' statistics."""
+    make_link(forward, reverse)
+    result = probe(count, interval, size, flows, settle) if count else {}
+    result["qdisc"] = {"forward": qdisc_stats(NS_A, DEV_A), "reverse": qdisc_stats(NS_B, DEV_B)}
+    return result
+
+
 def _parse_duration(text: str) -> float:
     for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
         if text.endswith(suffix):
@@ -360,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--settle", type=_parse_duration, default=2.0)
     pr.add_argument("--out", required=True)
     sub.add_parser("qdisc", help="print tc -s -j qdisc show of both link ends")
+    pl = sub.add_parser("plan", help="run several link + probe scenarios in one process")
+    pl.add_argument("plan", help="JSON: {name: {forward, reverse, count, interval, size, flows}}")
+    pl.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "link":
         make_link(args.forward_cmd or args.forward, args.reverse_cmd or args.reverse)
@@ -370,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["qdisc"] = {"forward": qdisc_stats(NS_A, DEV_A), "reverse": qdisc_stats(NS_B, DEV_B)}
         with open(args.out, "w") as f:
             json.dump(result, f)
+    elif args.command == "plan":
+        with open(args.plan) as f:
+            plan = json.load(f)
+        with open(args.out, "w") as f:
+            json.dump({name: run_scenario(**spec) for name, spec in plan.items()}, f)
     elif args.command == "qdisc":
         print(
             json.dumps({"forward": qdisc_stats(NS_A, DEV_A), "reverse": qdisc_stats(NS_B, DEV_B)})

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+import netem
 import netem.vm_probe
+from netem import Impairment
 from netem.vm import VM, VMCommandError, VMUnavailable, vm_available
+from netem.vm_fidelity import Comparison, format_table, measure, scenarios
 from netem.vm_probe import flow_stats
 
 pytestmark = pytest.mark.kernel_netem
@@ -124,3 +127,99 @@ def test_netem_applies_each_direction_separately(netem_vm: VM) -> None:
     # 30 ms +- 5 ms jitter (netem's default table is uniform over [delay-jitter, delay+jitter])
     assert rev.delay_min >= 0.025 and rev.delay_max < 0.0352
     assert abs(rev.delay_mean - 0.030) < 0.001
+
+
+# --- every profile, as the real kernel sees it ---------------------------------------------------
+
+SCENARIOS = {s.name: s for s in scenarios()}
+
+
+@pytest.fixture(scope="module")
+def accepted(netem_vm: VM) -> dict:
+    """Each scenario's tc command applied in the guest; ``tc -s -j qdisc show`` of the result."""
+    plan = {}
+    for name, scenario in SCENARIOS.items():
+        plan[name] = {"forward": [scenario.command], "count": 0}
+        if scenario.shipped:  # a profile's reverse direction is its own command
+            profile = netem.load_profile(name)
+            plan[name]["reverse"] = [profile.tc_commands("veth-a", "veth-b")[1]]
+    plan_file = netem_vm.workdir / "accept-plan.json"
+    plan_file.write_text(json.dumps(plan))
+    out = netem_vm.workdir / "accept.json"
+    netem_vm.run([netem_vm.python, PROBE, "plan", str(plan_file), "--out", str(out)]).check()
+    return json.loads(out.read_text())
+
+
+def reported(options: dict) -> dict:
+    """The kernel's view of a netem qdisc (tc's JSON) in :class:`netem.Impairment` fields."""
+    delay = options.get("delay", {})
+    loss = options.get("loss-random", {})
+    rate = options.get("rate", {})
+    fields = {
+        "limit": options["limit"],
+        "delay": delay.get("delay", 0.0),
+        "jitter": delay.get("jitter", 0.0),
+        "delay_correlation": delay.get("correlation", 0.0),
+        "loss": loss.get("loss", 0.0),
+        "loss_correlation": loss.get("correlation", 0.0),
+        "gap": options["gap"],
+        "rate": rate.get("rate", 0) * 8,
+        "packet_overhead": rate.get("packetoverhead", 0),
+        "cell_size": rate.get("cellsize", 0),
+        "cell_overhead": rate.get("celloverhead", 0),
+    }
+    for key in ("duplicate", "reorder", "corrupt"):
+        fields[key] = options.get(key, {}).get(key, 0.0)
+        fields[f"{key}_correlation"] = options.get(key, {}).get("correlation", 0.0)
+    state, ge = options.get("loss-state"), options.get("loss-gemodel")
+    fields["loss_state"] = state and tuple(state[k] for k in ("p13", "p31", "p32", "p23", "p14"))
+    fields["loss_gemodel"] = ge and tuple(ge[k] for k in ("p", "r", "1-h", "1-k"))
+    slot = options.get("slot")
+    fields["slot"] = slot and (
+        slot["min-delay"],
+        slot["max-delay"],
+        slot.get("packets", 0),
+        slot.get("bytes", 0),
+    )
+    return fields
+
+
+def expected(imp: Impairment) -> dict:
+    fields = {name: getattr(imp, name) for name in reported({"limit": 0, "gap": 0})}
+    if imp.slot is not None:
+        slot = imp.slot
+        fields["slot"] = (slot.min_delay, slot.max_delay, slot.packets, slot.bytes)
+    # The kernel keeps a duplicate correlation only when tc sends the correlation block.
+    if not (imp.delay_correlation or imp.loss_correlation or imp.reorder_correlation):
+        fields["duplicate_correlation"] = 0.0
+    return fields
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_kernel_accepts_profile_and_reports_what_it_says(accepted: dict, name: str) -> None:
+    scenario = SCENARIOS[name]
+    directions = [("forward", scenario.impairment)]
+    if scenario.shipped:
+        directions.append(("reverse", netem.load_profile(name).reverse))
+    for direction, imp in directions:
+        (qdisc,) = accepted[name]["qdisc"][direction]
+        assert qdisc["kind"] == "netem"
+        # tc keeps times in 64 ns ticks and prints whole microseconds: 500us reads back 499us.
+        assert reported(qdisc["options"]) == pytest.approx(expected(imp), abs=1.5e-6), direction
+
+
+# --- fidelity: the same probes through real netem and through the emulator's model -------------
+
+
+@pytest.fixture(scope="module")
+def fidelity(netem_vm: VM) -> dict[str, Comparison]:
+    comparisons = measure(netem_vm, list(SCENARIOS.values()))
+    print("\n" + format_table(comparisons))  # shown with -s, and in the log of a failure
+    return {c.scenario.name: c for c in comparisons}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_emulator_agrees_with_real_netem(fidelity: dict[str, Comparison], name: str) -> None:
+    comparison = fidelity[name]
+    assert comparison.netem.received > 0
+    assert not comparison.disagreements, format_table([comparison])
