@@ -1,6 +1,8 @@
 """rudp: reliable UDP for Python (KCP-compatible ARQ, Reed-Solomon FEC, stream multiplexing)."""
 
+from rudp.asyncio import Server, StreamReader, StreamWriter, open_connection, start_server
 from rudp.config import Configuration
+from rudp.connection import Connection
 from rudp.errors import (
     ClosedError,
     ConnectionRefused,
@@ -15,10 +17,16 @@ __version__ = "0.1.0"
 __all__ = [
     "ClosedError",
     "Configuration",
+    "Connection",
     "ConnectionRefused",
     "ConnectionReset",
     "DeadPeerError",
     "ProtocolError",
     "RudpError",
+    "Server",
+    "StreamReader",
+    "StreamWriter",
     "__version__",
+    "open_connection",
+    "start_server",
 ]

@@ -88,7 +88,7 @@ def add_configuration_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(Configuration):
         default = field.default
         help_text = f"(default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or str(field.type).startswith("bool"):
             group.add_argument(
                 _option(field.name),
                 dest=f"cfg_{field.name}",
@@ -153,7 +153,7 @@ def format_configuration(config: Configuration) -> str:
 
 
 #: Subcommand name → module providing ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"bench": "rudp.bench"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
-        sub.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+        sub.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser

@@ -1,0 +1,272 @@
+"""One UDP socket serving many connections, driven by an asyncio event loop.
+
+This is the thin I/O layer under the asyncio API: it moves datagrams between
+the socket and the sans-I/O :class:`~rudp.connection.Connection` objects, and
+keeps ONE timer heap for all of them (an idle connection has no entry at all,
+a waiting one has one). It holds no protocol logic.
+
+The socket is read with ``loop.add_reader`` and drained in batches
+(``recvmmsg``/GRO via :mod:`rudp.udp`) instead of asyncio's datagram
+transport, which reads one datagram per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from rudp import udp, wire
+from rudp.config import Configuration
+from rudp.connection import Connection
+from rudp.events import Address
+from rudp.listener import Listener
+
+__all__ = ["Endpoint"]
+
+#: Datagrams read per batch before other loop work gets a turn.
+RECV_BATCH = 256
+
+
+class Endpoint:
+    """A UDP socket plus the connections it carries.
+
+    ``on_event(conn)`` is called after a connection has consumed input or a
+    timer, so the layer above can drain its events; ``on_accept(conn)`` (servers)
+    when the listener created a connection.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        configuration: Configuration,
+        *,
+        on_event: Callable[[Connection], None],
+        listener: Listener | None = None,
+        on_accept: Callable[[Connection], bool] | None = None,
+        can_accept: Callable[[], bool] | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.configuration = configuration
+        self.capabilities = udp.configure(sock)
+        self._rudp = configuration.framing == "rudp"
+        self._on_event = on_event
+        self._listener = listener
+        self._on_accept = on_accept
+        self._can_accept = can_accept or (lambda: True)
+        self.connections: dict[Any, Connection] = {}
+        # timer heap: (deadline, seq, key); a connection's live entry is in _armed[key]
+        self._heap: list[tuple[float, int, Any]] = []
+        self._armed: dict[Any, float] = {}
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._dirty: set[Any] = set()
+        self._flush_scheduled = False
+        self._backlog: dict[Address, list[bytes]] = {}  # output waiting for the socket to drain
+        self._writer_armed = False
+        self.closed = False
+        self.counters = dict.fromkeys(
+            ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "unknown"), 0
+        )
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # ------------------------------------------------------------------ keys
+
+    def key_of(self, conn: Connection) -> Any:
+        return conn.cid if self._rudp else conn.peer_address
+
+    def add(self, conn: Connection) -> None:
+        self.connections[self.key_of(conn)] = conn
+        self.touch(conn)
+
+    # ------------------------------------------------------------------ input
+
+    def _on_readable(self) -> None:
+        try:
+            batch = udp.recv_batch(self.sock, RECV_BATCH)
+        except ConnectionRefusedError:
+            now = self.loop.time()
+            for conn in list(self.connections.values()):
+                conn.receive_unreachable(now)
+                self._service(conn, now)
+            return
+        except OSError:
+            return
+        if not batch:
+            return
+        now = self.loop.time()
+        counters = self.counters
+        counters["datagrams_in"] += len(batch)
+        touched: dict[Any, Connection] = {}
+        connections = self.connections
+        rudp_framing = self._rudp
+        for data, addr in batch:
+            counters["bytes_in"] += len(data)
+            if rudp_framing:
+                key = (
+                    int.from_bytes(data[2:10], "little")
+                    if len(data) >= wire.RUDP_OVERHEAD
+                    else None
+                )
+            else:
+                key = addr
+            conn = connections.get(key)
+            if conn is None:
+                conn = self._unknown(data, addr, now)
+                if conn is None:
+                    continue
+                key = self.key_of(conn)
+            else:
+                conn.receive_datagram(data, addr, now)
+            touched[key] = conn
+        if self._listener is not None:
+            for packet, addr in self._listener.datagrams_to_send():
+                self._send([packet], addr)
+        for conn in touched.values():
+            self._service(conn, now)
+
+    def _unknown(self, data: bytes, addr: Address, now: float) -> Connection | None:
+        if self._listener is None:
+            self.counters["unknown"] += 1
+            return None
+        conn = self._listener.receive_datagram(data, addr, now, accepting=self._can_accept())
+        if conn is None:
+            return None
+        self.connections[self.key_of(conn)] = conn
+        if self._on_accept is not None and not self._on_accept(conn):
+            conn.reset("not accepted", now)
+        return conn
+
+    # ------------------------------------------------------------------ output and timers
+
+    def touch(self, conn: Connection) -> None:
+        """The application did something on ``conn`` (write, read, close): flush soon.
+
+        Flushes are coalesced per loop iteration, so many small writes in one
+        iteration leave in as few datagrams as possible, without waiting for a tick.
+        """
+        self._dirty.add(self.key_of(conn))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        now = self.loop.time()
+        for key in dirty:
+            conn = self.connections.get(key)
+            if conn is not None:
+                self._service(conn, now)
+
+    def _service(self, conn: Connection, now: float) -> None:
+        """Drain a connection's events and datagrams and re-arm its timer."""
+        self._on_event(conn)
+        out = conn.datagrams_to_send(now)
+        if out and conn.peer_address is not None:
+            self._send(out, conn.peer_address)
+        self._on_event(conn)
+        key = self.key_of(conn)
+        deadline = conn.get_timer(now)
+        if deadline is None:
+            if conn.state.value == "terminated":
+                self.connections.pop(key, None)
+                self._armed.pop(key, None)
+            return
+        armed = self._armed.get(key)
+        if armed is None or deadline < armed:
+            self._armed[key] = deadline
+            heapq.heappush(self._heap, (deadline, next(self._seq), key))
+            self._arm_loop_timer()
+
+    def _arm_loop_timer(self) -> None:
+        if not self._heap:
+            return
+        first = self._heap[0][0]
+        if self._timer_at is not None and self._timer_at <= first:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = first
+        self._timer = self.loop.call_at(first, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        now = self.loop.time()
+        heap = self._heap
+        due: list[Connection] = []
+        while heap and heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(heap)
+            if self._armed.get(key) != deadline:
+                continue  # superseded by an earlier entry that already ran
+            del self._armed[key]
+            conn = self.connections.get(key)
+            if conn is not None:
+                due.append(conn)
+        for conn in due:
+            conn.handle_timer(now)
+            self._service(conn, now)
+        self._arm_loop_timer()
+
+    def _send(self, datagrams: list[bytes], addr: Address) -> None:
+        if self.closed:
+            return
+        pending = self._backlog.get(addr)
+        if pending is not None:  # keep order behind what is already waiting
+            pending.extend(datagrams)
+            return
+        sent = self._send_now(datagrams, addr)
+        if sent < len(datagrams):
+            self._backlog[addr] = datagrams[sent:]
+            self._arm_writer()
+
+    def _send_now(self, datagrams: list[bytes], addr: Address) -> int:
+        try:
+            sent = udp.send_batch(self.sock, datagrams, None if self.sock_connected else addr)
+        except (ConnectionRefusedError, OSError):
+            sent = len(datagrams)  # unreachable or a transient error: the ARQ repeats what matters
+        self.counters["datagrams_out"] += sent
+        self.counters["bytes_out"] += sum(len(d) for d in datagrams[:sent])
+        return sent
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed:
+            self._writer_armed = True
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        for addr in list(self._backlog):
+            datagrams = self._backlog[addr]
+            sent = self._send_now(datagrams, addr)
+            if sent < len(datagrams):
+                del datagrams[:sent]
+                return
+            del self._backlog[addr]
+        self._writer_armed = False
+        self.loop.remove_writer(self.sock.fileno())
+
+    @property
+    def sock_connected(self) -> bool:
+        return self._connected
+
+    _connected = False
+
+    def set_connected(self, connected: bool) -> None:
+        """The socket is connect()ed to its one peer (clients): send without an address."""
+        self._connected = connected
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+        if self._writer_armed:
+            self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
