@@ -208,7 +208,7 @@ async def test_drain_applies_backpressure_until_the_peer_reads():
 
     server, port = await echo_server(config, handler=slow_reader)
     async with server:
-        reader, writer = await rudp.open_connection("127.0.0.1", port, configuration=config)
+        _reader, writer = await rudp.open_connection("127.0.0.1", port, configuration=config)
         payload = os.urandom(1_000_000)
         writer.write(payload)
         drain = asyncio.ensure_future(writer.drain())
