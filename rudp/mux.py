@@ -326,6 +326,7 @@ class MuxStats:
     resets_received: int = 0
     window_updates_sent: int = 0
     window_updates_received: int = 0
+    bytes_over_window: int = 0  # v2: sent on smux's 256 KiB guess beyond our first window
     keepalives_sent: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -883,11 +884,16 @@ class Session:
     def _do_deliver(self, st: _Stream, body: bytes | None) -> None:
         assert body is not None
         n = len(body)
-        if self.version == 2 and st.received + n > self._allowed(st):
-            raise ProtocolError(
-                f"stream {st.sid}: peer sent {st.received + n - self._allowed(st)} bytes "
-                "beyond the window we advertised"
-            )
+        if self.version == 2:
+            end = st.received + n
+            if end > self._allowed(st):
+                raise ProtocolError(
+                    f"stream {st.sid}: peer sent {end - self._allowed(st)} bytes "
+                    "beyond the window we advertised"
+                )
+            if end > st.limit:  # sent on smux's initial guess before our first UPD arrived
+                self.stats.bytes_over_window += end - st.limit
+                self._set_limit(st, end)  # the pool must see what we really hold
         st.received += n
         st.rx.append(body)
         self._rx_buffered += n
@@ -1038,10 +1044,9 @@ class Session:
         """Encode a queued control item, or b"" when it no longer applies."""
         v = self.version
         st = self._streams.get(sid)
-        if kind == _SYN:
-            if st is None:  # reset before its SYN left: the peer never hears of it
-                return b""
-            st.syn_sent = True
+        if kind == _SYN:  # (a reset before this point withdrew it from the queue)
+            if st is not None:
+                st.syn_sent = True
             frame = SMUX_HEADER.pack(v, SMUX_SYN, 0, sid)
         elif kind == _FIN:
             if arg:
