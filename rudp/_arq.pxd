@@ -50,7 +50,7 @@ cdef struct U32Q:
 cdef class Congestion:
     cdef readonly int cwnd
     cdef int window(self) noexcept
-    cdef void on_una_advance(self, int rmt_wnd) noexcept
+    cdef void on_ack(self, int acked, int rmt_wnd) noexcept
     cdef void on_fast_retransmit(self, int inflight, int resend) noexcept
     cdef void on_timeout(self, int window) noexcept
 

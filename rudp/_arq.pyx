@@ -213,7 +213,8 @@ cdef class Congestion:
 
     The base of the pluggable controllers: a controller answers ``window()``
     (segments it allows in flight) and hears of una advances, fast
-    retransmissions and timeouts (see ``rudp.arq.NoCongestion``).
+    retransmissions and timeouts (see ``rudp.arq.NoCongestion``). Controllers
+    are ``cdef`` classes: the engine calls them through their C vtable.
     """
 
     def __cinit__(self, int mss, int snd_wnd):
@@ -222,7 +223,7 @@ cdef class Congestion:
     cdef int window(self) noexcept:
         return NO_WINDOW_LIMIT
 
-    cdef void on_una_advance(self, int rmt_wnd) noexcept:
+    cdef void on_ack(self, int acked, int rmt_wnd) noexcept:
         pass
 
     cdef void on_fast_retransmit(self, int inflight, int resend) noexcept:
@@ -233,7 +234,8 @@ cdef class Congestion:
 
 
 cdef class Reno(Congestion):
-    """KCP's built-in controller, in segments (see ``rudp.arq.Reno``)."""
+    """KCP's built-in controller, in segments, grown per acknowledged segment
+    (see ``rudp.arq.Reno``)."""
 
     cdef int64_t mss, ssthresh, incr
 
@@ -246,24 +248,23 @@ cdef class Reno(Congestion):
     cdef int window(self) noexcept:
         return self.cwnd
 
-    cdef void on_una_advance(self, int rmt_wnd) noexcept:
+    cdef void on_ack(self, int acked, int rmt_wnd) noexcept:
         cdef int64_t mss = self.mss
-        if self.cwnd >= rmt_wnd:
-            return
-        if self.cwnd < self.ssthresh:
-            self.cwnd += 1
-            self.incr += mss
-        else:
-            self.incr = imax(self.incr, mss)
-            self.incr += mss * mss // self.incr + mss // 16
-            if (self.cwnd + 1) * mss <= self.incr:
-                self.cwnd = <int>((self.incr + mss - 1) // mss)
-        if self.cwnd > rmt_wnd:
-            self.cwnd = rmt_wnd
-            self.incr = rmt_wnd * mss
-        if self.cwnd < 1:
-            self.cwnd = 1
-            self.incr = mss
+        cdef int i
+        for i in range(acked):
+            if self.cwnd >= rmt_wnd:
+                return
+            if self.cwnd < self.ssthresh:
+                self.cwnd += 1
+                self.incr += mss
+            else:
+                self.incr = imax(self.incr, mss)
+                self.incr += mss * mss // self.incr + mss // 16
+                if (self.cwnd + 1) * mss <= self.incr:
+                    self.cwnd = <int>((self.incr + mss - 1) // mss)
+            if self.cwnd > rmt_wnd:
+                self.cwnd = rmt_wnd
+                self.incr = rmt_wnd * mss
 
     cdef void on_fast_retransmit(self, int inflight, int resend) noexcept:
         self.ssthresh = imax(inflight // 2, THRESH_MIN)
@@ -519,7 +520,8 @@ cdef class Arq:
         """``input`` for C callers: the datagram is read in place, never kept."""
         cdef int code, accepted = 0, cmd, frg
         cdef Py_ssize_t pos = 0
-        cdef uint32_t prev_una = self.snd_una, ts, sn, una, length
+        cdef uint32_t ts, sn, una, length
+        cdef int flight_before = self.nflight
         cdef const unsigned char *p
         self.st[S_IN_PKTS] += 1
         code = self.validate(data, size)
@@ -551,8 +553,8 @@ cdef class Arq:
                 self.input_push(sn, ts, frg, p + OVERHEAD, length)
             elif cmd == CMD_WASK:
                 self.probe |= ASK_TELL
-        if tdiff(self.snd_una, prev_una) > 0:
-            self.cc.on_una_advance(self._rmt_wnd)
+        if self.nflight < flight_before:
+            self.cc.on_ack(flight_before - self.nflight, self._rmt_wnd)
         return accepted
 
     cdef int validate(self, const unsigned char *data, Py_ssize_t size) noexcept:

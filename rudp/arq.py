@@ -190,8 +190,8 @@ class NoCongestion:
         """Segments the controller allows in flight."""
         return _MASK
 
-    def on_una_advance(self, rmt_wnd: int) -> None:
-        """An input advanced the cumulative acknowledgement."""
+    def on_ack(self, acked: int, rmt_wnd: int) -> None:
+        """An input newly acknowledged ``acked`` segments."""
 
     def on_fast_retransmit(self, inflight: int, resend: int) -> None:
         """A flush fast-retransmitted at least one segment."""
@@ -203,10 +203,14 @@ class NoCongestion:
 class Reno(NoCongestion):
     """KCP's built-in controller, in segments (``ikcp_input``/``ikcp_flush``).
 
-    Slow start adds one segment per input that advances UNA; congestion
-    avoidance grows by roughly one segment per window; fast retransmit halves
-    to the flight size plus ``resend``; a timeout drops to one segment. The
-    window never exceeds what the peer advertises.
+    Slow start adds one segment per acknowledged segment; congestion avoidance
+    grows by roughly one segment per window; fast retransmit halves to the
+    flight size plus ``resend``; a timeout drops to one segment. The window
+    never exceeds what the peer advertises. One change from KCP: KCP applies
+    its growth step once per input call that advances UNA, so a receiver that
+    packs many ACKs into one datagram (C KCP acknowledges on its tick, batched
+    I/O does too) slows the sender down; here the step runs once per newly
+    acknowledged segment, whatever the packing.
     """
 
     name = "reno"
@@ -225,23 +229,22 @@ class Reno(NoCongestion):
     def window(self) -> int:
         return self._cwnd
 
-    def on_una_advance(self, rmt_wnd: int) -> None:
+    def on_ack(self, acked: int, rmt_wnd: int) -> None:
         mss = self._mss
-        if self._cwnd >= rmt_wnd:
-            return
-        if self._cwnd < self._ssthresh:
-            self._cwnd += 1
-            self._incr += mss
-        else:
-            self._incr = max(self._incr, mss)
-            self._incr += mss * mss // self._incr + mss // 16
-            if (self._cwnd + 1) * mss <= self._incr:
-                self._cwnd = (self._incr + mss - 1) // mss
-        if self._cwnd > rmt_wnd:
-            self._cwnd = rmt_wnd
-            self._incr = rmt_wnd * mss
-        if self._cwnd < 1:
-            self._cwnd, self._incr = 1, mss
+        for _ in range(acked):
+            if self._cwnd >= rmt_wnd:
+                return
+            if self._cwnd < self._ssthresh:
+                self._cwnd += 1
+                self._incr += mss
+            else:
+                self._incr = max(self._incr, mss)
+                self._incr += mss * mss // self._incr + mss // 16
+                if (self._cwnd + 1) * mss <= self._incr:
+                    self._cwnd = (self._incr + mss - 1) // mss
+            if self._cwnd > rmt_wnd:
+                self._cwnd = rmt_wnd
+                self._incr = rmt_wnd * mss
 
     def on_fast_retransmit(self, inflight: int, resend: int) -> None:
         self._ssthresh = max(inflight // 2, THRESH_MIN)
@@ -439,7 +442,7 @@ class Arq:
         if code < 0:
             st["in_errors"] += 1
             return code
-        prev_una = self._snd_una
+        flight_before = self._nflight
         accepted = 0
         pos = 0
         while pos < size:
@@ -464,8 +467,8 @@ class Arq:
             elif cmd == KCP_CMD_WASK:
                 self._probe |= ASK_TELL
             # WINS: the window it carries is all it says
-        if _diff(self._snd_una, prev_una) > 0:
-            self._cc.on_una_advance(self._rmt_wnd)
+        if self._nflight < flight_before:
+            self._cc.on_ack(flight_before - self._nflight, self._rmt_wnd)
         return accepted
 
     def _validate(self, view: memoryview, size: int) -> int:

@@ -555,14 +555,34 @@ def test_reno_starts_at_one_segment_and_grows_per_ack(arq_cls):
     b = make(arq_cls)
     a.send(bytes(20 * a.mss))
     assert round_trip(a, b, 0) == [0]
-    assert a.cwnd == 2, "slow start: one more segment per input that advances una"
+    assert a.cwnd == 2, "slow start: one more segment per acknowledged segment"
     assert round_trip(a, b, 1) == [1, 2]
-    # ssthresh starts at 2 (KCP), so this is congestion avoidance already: incr (bytes)
-    # 2752 -> +1376*1376//2752 + 1376//16 = 3526: still below 3 segments
-    assert a.cwnd == 2
-    # 3526 + 536 + 86 = 4148 >= 3 * 1376, so cwnd = ceil(4148 / 1376) = 4
-    assert round_trip(a, b, 2) == [3, 4]
+    # ssthresh starts at 2 (KCP), so both ACKs (one datagram) grow in congestion
+    # avoidance, KCP's step once per segment: incr (bytes) 2752 -> 2752 + 1376**2 // 2752
+    # + 1376 // 16 = 3526 -> 3526 + 536 + 86 = 4148 >= 3 * 1376: cwnd = ceil(4148 / 1376)
     assert a.cwnd == 4
+    assert round_trip(a, b, 2) == [3, 4, 5, 6]
+
+
+def test_reno_growth_does_not_depend_on_ack_packing(arq_cls):
+    """Four ACKs in one datagram grow the window as much as four datagrams of one."""
+    cwnds = []
+    for packed in (True, False):
+        a = make(arq_cls, snd_wnd=64, congestion="reno")
+        a.input(raw(KCP_CMD_WINS, wnd=128), 0)
+        a.send(bytes(40 * a.mss))
+        for now in range(4):  # grow to 4 segments in flight
+            a.flush(now)
+            sent = [s.sn for s in segs(a.datagrams())]
+            for sn in sent:
+                a.input(raw(KCP_CMD_ACK, sn=sn, ts=now, una=0), now)
+        a.flush(4)
+        sent = [s.sn for s in segs(a.datagrams())]
+        acks = [raw(KCP_CMD_ACK, sn=sn, ts=4, una=0) for sn in sent]
+        for d in [b"".join(acks)] if packed else acks:
+            a.input(d, 5)
+        cwnds.append(a.cwnd)
+    assert cwnds[0] == cwnds[1] > 4
 
 
 def grown_reno(cls, target):
