@@ -17,6 +17,7 @@ Backends (``BACKENDS``):
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -34,6 +35,8 @@ __all__ = [
     "Backend",
     "Job",
     "JobResult",
+    "Progress",
+    "load_plugins",
     "register_backend",
     "workload_argv",
 ]
@@ -383,3 +386,25 @@ BACKENDS: dict[str, Backend] = {
 def register_backend(backend: Backend) -> None:
     """Add a link backend (e.g. ``vm``) for ``rudp sim --backend NAME``."""
     BACKENDS[backend.name] = backend
+
+
+#: Modules that register backends when imported (missing ones are skipped).
+PLUGINS = ("netem.vm_backend",)
+#: Why a plugin could not be loaded, by module name.
+PLUGIN_ERRORS: dict[str, str] = {}
+
+
+def load_plugins() -> None:
+    """Import the backend plugins that exist here (each registers itself)."""
+    for name in PLUGINS:
+        if name in PLUGIN_ERRORS or any(b.run.__module__ == name for b in BACKENDS.values()):
+            continue
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                PLUGIN_ERRORS[name] = repr(exc)
+            else:
+                PLUGIN_ERRORS[name] = "not installed"
+        except Exception as exc:  # a broken plugin must not break the other backends
+            PLUGIN_ERRORS[name] = repr(exc)

@@ -418,7 +418,7 @@ def _configuration(text: str | None) -> Any:
 def _rudp_stats(writer: Any) -> dict[str, Any]:
     stats = writer.get_extra_info("stats") or {}
     out: dict[str, Any] = {"stats": stats}
-    for key in ("retransmits", "retransmissions", "segments_retransmitted"):
+    for key in ("retrans_segs", "retransmits", "retransmissions"):
         if key in stats:
             out["retransmits"] = stats[key]
             break

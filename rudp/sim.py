@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from netem.harness import BACKENDS, Job, JobResult
+from netem.harness import BACKENDS, Job, JobResult, load_plugins
 from netem.profile import Profile, load_profile
 from rudp import units
 
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``rudp sim`` flags: link, workload, output, and the shared rudp configuration."""
     from rudp.cli import add_configuration_arguments
 
+    load_plugins()
     link = parser.add_argument_group("link (a netem profile, optionally adjusted inline)")
     link.add_argument(
         "--profile", default="lossy", help="profile name or .toml file (default: lossy)"
@@ -140,6 +141,7 @@ def build_profile(args: argparse.Namespace) -> Profile:
 
 def choose_backend(name: str) -> tuple[str, str]:
     """(backend name, a note saying why) for ``--backend``."""
+    load_plugins()
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {name!r}")
