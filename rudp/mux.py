@@ -58,9 +58,10 @@ then one data frame per ready stream in round-robin.
 Driving it from a transport:
 
 1. After every input (``receive_data``, ``handle_timer``, any API call),
-   pull: ``while session.has_output() and room: out = session.data_to_send(room, now)``
-   and give ``out`` to the ARQ. Pass ``room`` of at least a few hundred
-   bytes (a frame never straddles two pulls; below 9 bytes nothing moves).
+   pull while the ARQ has room: ``out = session.data_to_send(room, now)``,
+   give ``out`` to the ARQ, repeat until ``out`` is empty. ``has_output()``
+   says whether waking the sender is worth it. Frames never straddle two
+   pulls, so pass a ``room`` of a few hundred bytes or more (an MSS).
 2. Feed channel bytes with ``receive_data(chunk, now)``, any chunking; in v1
    first consult ``receive_capacity()`` and hand in no more than it says.
 3. Arm one timer at ``get_timer()`` (``None``: nothing due) and call
@@ -838,11 +839,11 @@ class Session:
 
     # ------------------------------------------------------------ state machine
 
-    def _step(self, st: _Stream, inp: StreamInput, body: bytes | None = None) -> Action:
+    def _step(self, st: _Stream, inp: StreamInput, body: bytes | None = None) -> None:
+        """Look the input up in :data:`TRANSITIONS`, move to the next state, run the action."""
         state, action = TRANSITIONS[(st.state, inp)]
         st.state = state
         getattr(self, "_do_" + action.name.lower())(st, body)
-        return action
 
     def _do_write(self, st: _Stream, body: bytes | None) -> None:
         """Done by :meth:`send` itself (it needs the caller's data)."""
@@ -1066,7 +1067,7 @@ class Session:
             if st is None:
                 return b""
             st.upd_queued = False
-            if st.eof or st.state is StreamState.RESET:  # no more data will come
+            if st.eof or st.abandoned or st.state is StreamState.RESET:  # nothing more to read
                 return b""
             target = self._target(st)
             self._set_limit(st, max(st.limit, st.consumed + target))

@@ -135,6 +135,15 @@ def test_upd_sent_after_half_the_window_is_read() -> None:
     )  # consumed 40000, window 65536
 
 
+def test_no_window_update_after_the_application_closed_the_stream() -> None:
+    s = server(stream_buffer=65536, session_buffer=65536)
+    s.receive_data(frame(2, SYN, 3) + frame(2, PSH, 3, b"x" * 40000), 0)
+    s.data_to_send(1000, 0)  # the initial UPD
+    s.read(3)  # queues an UPD...
+    s.close_stream(3)  # ...that must not open a window for bytes we now drop
+    assert parse(s.data_to_send(1000, 0)) == [(2, FIN, 3, b"")]
+
+
 def test_nop_golden_on_keepalive() -> None:
     c = client(keepalive=1000, idle_timeout=None)
     assert c.get_timer() == 1000
@@ -286,6 +295,7 @@ def test_window_bound_is_our_smaller_window_once_advertised() -> None:
     s.receive_data(b"".join(frame(2, PSH, 3, b"y" * 32768) for _ in range(8)), 0)
     assert not s.closed
     assert s.recv_buffered == INITIAL_PEER_WINDOW
+    assert s.stats.bytes_over_window == INITIAL_PEER_WINDOW - 65536  # counted, and pooled
     s.receive_data(frame(2, PSH, 3, b"y"), 0)
     assert isinstance(s.error, ProtocolError)
 
