@@ -15,6 +15,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef struct Seg:
+    Seg *next            # the unsent queue is a list
     uint32_t sn
     uint32_t ts          # time of the last transmission
     uint32_t resendts    # when the retransmission timer fires
@@ -23,6 +24,7 @@ cdef struct Seg:
     uint32_t fastack     # skipping ACKs since the last transmission
     uint32_t fastx       # fast retransmissions so far
     uint32_t len         # payload bytes, stored right after the struct
+    uint32_t cap         # room for payload (stream mode fills the last unsent segment)
     uint8_t frg
 
 
@@ -31,20 +33,6 @@ cdef struct Msg:
     size_t len
     size_t cap
     uint32_t segs
-
-
-cdef struct ByteQ:
-    unsigned char *buf
-    size_t head
-    size_t tail
-    size_t cap
-
-
-cdef struct U32Q:
-    uint32_t *buf
-    size_t head
-    size_t count
-    size_t cap
 
 
 cdef class Congestion:
@@ -68,10 +56,10 @@ cdef class Arq:
     cdef bint has_rtt
     cdef int _srtt, _rttvar, _rto
 
-    # send side
-    cdef ByteQ sndq
-    cdef U32Q msg_lens
-    cdef int64_t msg_segs
+    # send side: unsent segments (cut at send time), then the flight ring
+    cdef Seg *q_head
+    cdef Seg *q_tail
+    cdef int64_t q_count, q_bytes
     cdef uint32_t snd_una, snd_nxt, snd_mask
     cdef Seg **flight
     cdef int nflight

@@ -24,7 +24,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memset
 
 from rudp.arq import STATS, resolve_params
 
@@ -55,7 +55,7 @@ cdef enum:
     ERR_TRUNCATED = -3
     ERR_CMD = -4
     NO_WINDOW_LIMIT = 0x7FFFFFFF
-    KEEP_BYTES = 4096  # buffers larger than this are released when they empty
+    KEEP_BYTES = 4096  # an output buffer larger than this is released when mostly unused
 
 # counter indexes, in rudp.arq.STATS order
 cdef enum:
@@ -105,14 +105,60 @@ cdef inline unsigned char *seg_data(Seg *seg) noexcept:
     return <unsigned char *>seg + sizeof(Seg)
 
 
-cdef inline Seg *seg_new(uint32_t length) noexcept:
-    cdef Seg *seg = <Seg *>malloc(sizeof(Seg) + length)
+# Segments of about a full MSS are above glibc's fast per-thread cache (1032 bytes)
+# and cost a slow-bin malloc/free each; a process-wide free list keeps up to
+# POOL_MAX of them (a few hundred KB for the whole process, nothing per
+# connection). Every call runs under the GIL, which guards the list.
+cdef enum:
+    POOL_CAP = 1472    # payload room of a pooled segment: the MSS of a 1500-byte path
+    POOL_MIN = 960     # smaller segments are left to malloc's fast path
+    POOL_MAX = 256
+
+cdef Seg *pool = NULL
+cdef int pool_count = 0
+
+
+cdef inline Seg *seg_new(uint32_t length, uint32_t cap) noexcept:
+    global pool, pool_count
+    cdef Seg *seg
+    if POOL_MIN < cap <= POOL_CAP:
+        cap = POOL_CAP
+        if pool != NULL:
+            seg = pool
+            pool = seg.next
+            pool_count -= 1
+        else:
+            seg = <Seg *>malloc(sizeof(Seg) + POOL_CAP)
+    else:
+        seg = <Seg *>malloc(sizeof(Seg) + cap)
     if seg != NULL:
+        seg.next = NULL
         seg.sn = seg.ts = seg.resendts = seg.rto = 0
         seg.xmit = seg.fastack = seg.fastx = 0
         seg.len = length
+        seg.cap = cap
         seg.frg = 0
     return seg
+
+
+cdef inline void seg_free(Seg *seg) noexcept:
+    global pool, pool_count
+    if seg == NULL:
+        return
+    if seg.cap == POOL_CAP and pool_count < POOL_MAX:
+        seg.next = pool
+        pool = seg
+        pool_count += 1
+    else:
+        free(seg)
+
+
+cdef void seg_free_list(Seg *seg) noexcept:
+    cdef Seg *nxt
+    while seg != NULL:
+        nxt = seg.next
+        seg_free(seg)
+        seg = nxt
 
 
 cdef inline uint32_t pow2_at_least(uint32_t n) noexcept:
@@ -128,82 +174,6 @@ cdef inline int64_t imax(int64_t a, int64_t b) noexcept:
 
 cdef inline int64_t imin(int64_t a, int64_t b) noexcept:
     return a if a < b else b
-
-
-# --- byte FIFO: unsent data (compacted only when the consumed part is at least the live
-# part, so every byte is moved O(1) times)
-
-cdef inline size_t bq_len(ByteQ *q) noexcept:
-    return q.tail - q.head
-
-
-cdef int bq_push(ByteQ *q, const unsigned char *src, size_t n) noexcept:
-    cdef size_t live = q.tail - q.head
-    cdef size_t cap
-    cdef unsigned char *buf
-    if n == 0:
-        return 0
-    if q.tail + n > q.cap:
-        if q.head and q.head >= live and live + n <= q.cap:
-            memmove(q.buf, q.buf + q.head, live)
-            q.head, q.tail = 0, live
-        else:
-            if q.head:
-                memmove(q.buf, q.buf + q.head, live)
-                q.head, q.tail = 0, live
-            cap = <size_t>imax(<int64_t>(2 * q.cap), <int64_t>(live + n))
-            cap = <size_t>imax(<int64_t>cap, 1024)
-            buf = <unsigned char *>realloc(q.buf, cap)
-            if buf == NULL:
-                return -1
-            q.buf, q.cap = buf, cap
-    memcpy(q.buf + q.tail, src, n)
-    q.tail += n
-    return 0
-
-
-cdef void bq_pop_into(ByteQ *q, unsigned char *dst, size_t n) noexcept:
-    if n:
-        memcpy(dst, q.buf + q.head, n)
-    q.head += n
-    if q.head == q.tail:
-        q.head = q.tail = 0
-        if q.cap > KEEP_BYTES:
-            free(q.buf)
-            q.buf, q.cap = NULL, 0
-
-
-# --- uint32 FIFO: lengths of queued messages
-
-cdef int u32q_push(U32Q *q, uint32_t v) noexcept:
-    cdef size_t cap, i
-    cdef uint32_t *buf
-    if q.count == q.cap:
-        cap = q.cap * 2 if q.cap else 16
-        buf = <uint32_t *>malloc(cap * sizeof(uint32_t))
-        if buf == NULL:
-            return -1
-        for i in range(q.count):
-            buf[i] = q.buf[(q.head + i) % q.cap]
-        free(q.buf)
-        q.buf, q.cap, q.head = buf, cap, 0
-    q.buf[(q.head + q.count) % q.cap] = v
-    q.count += 1
-    return 0
-
-
-cdef inline uint32_t *u32q_front(U32Q *q) noexcept:
-    return &q.buf[q.head]
-
-
-cdef void u32q_pop(U32Q *q) noexcept:
-    q.head = (q.head + 1) % q.cap
-    q.count -= 1
-    if q.count == 0:
-        q.head = 0
-        if q.cap * sizeof(uint32_t) > KEEP_BYTES:
-            free(q.buf)
-            q.buf, q.cap = NULL, 0
 
 
 # ---------------------------------------------------------------------------- congestion
@@ -291,8 +261,7 @@ cdef class Arq:
         self.out = NULL
         self.ends = NULL
         self.partial = NULL
-        self.sndq.buf = NULL
-        self.msg_lens.buf = NULL
+        self.q_head = self.q_tail = NULL
 
     def __init__(
         self,
@@ -389,22 +358,21 @@ cdef class Arq:
 
         self.out_len = self.out_cap = self.cur_start = 0
         self.nout = self.ends_cap = 0
-        for i in range(NSTATS):
-            self.st[i] = 0
+        memset(self.st, 0, sizeof(self.st))
 
     def __dealloc__(self):
         cdef uint32_t i
         if self.flight != NULL:
             for i in range(self.snd_mask + 1):
-                free(self.flight[i])
+                seg_free(self.flight[i])
             free(self.flight)
         if self.rcvbuf != NULL:
             for i in range(self.rcv_mask + 1):
-                free(self.rcvbuf[i])
+                seg_free(self.rcvbuf[i])
             free(self.rcvbuf)
         if self.ready != NULL:
             for i in range(self.ready_count):
-                free(self.ready[(self.ready_head + i) & self.rcv_mask])
+                seg_free(self.ready[(self.ready_head + i) & self.rcv_mask])
             free(self.ready)
         if self.msgs != NULL:
             for i in range(self.msgs_count):
@@ -414,8 +382,7 @@ cdef class Arq:
         free(self.acks)
         free(self.out)
         free(self.ends)
-        free(self.sndq.buf)
-        free(self.msg_lens.buf)
+        seg_free_list(self.q_head)
 
     # ------------------------------------------------------------------ application side
 
@@ -432,16 +399,55 @@ cdef class Arq:
             PyBuffer_Release(&view)
 
     cdef int send_raw(self, const unsigned char *data, Py_ssize_t size) except -1:
-        """``send`` for C callers; raises ValueError (message too large) or MemoryError."""
-        if not self.stream and <size_t>size > self.max_message:
-            raise ValueError(f"message of {size} bytes exceeds max_message ({self.max_message})")
-        if bq_push(&self.sndq, data, size) < 0:
-            raise MemoryError()
-        if not self.stream:
-            if u32q_push(&self.msg_lens, <uint32_t>size) < 0:
-                self.sndq.tail -= size
+        """``send`` for C callers; raises ValueError (message too large) or MemoryError.
+
+        Data is cut into segments here, as ikcp does: stream mode first fills the
+        last unsent segment (allocated with room for a whole one), message mode
+        gives every fragment its frg. Cutting here or when segments enter the
+        flight (the reference) yields the same segments.
+        """
+        cdef Seg *first = NULL
+        cdef Seg *last = NULL
+        cdef Seg *seg
+        cdef Py_ssize_t take, count, i = 0
+        cdef uint32_t mss = self.mss
+        if self.stream:
+            seg = self.q_tail
+            if seg != NULL and seg.len < mss and size:
+                take = <Py_ssize_t>imin(size, mss - seg.len)
+                memcpy(seg_data(seg) + seg.len, data, take)
+                seg.len += <uint32_t>take
+                self.q_bytes += take
+                data += take
+                size -= take
+            count = (size + mss - 1) // mss
+        else:
+            if <size_t>size > self.max_message:
+                raise ValueError(f"message of {size} bytes exceeds max_message ({self.max_message})")
+            count = imax(1, (size + mss - 1) // mss)
+        while i < count:
+            take = <Py_ssize_t>imin(size - i * mss, mss)
+            seg = seg_new(<uint32_t>take, mss if self.stream else <uint32_t>take)
+            if seg == NULL:
+                seg_free_list(first)
                 raise MemoryError()
-            self.msg_segs += imax(1, (size + self.mss - 1) // self.mss)
+            if take:
+                memcpy(seg_data(seg), data + i * mss, take)
+            seg.frg = 0 if self.stream else <uint8_t>imin(count - 1 - i, 255)
+            if last == NULL:
+                first = seg
+            else:
+                last.next = seg
+            last = seg
+            i += 1
+        if first != NULL:
+            if self.q_tail == NULL:
+                self.q_head = first
+            else:
+                self.q_tail.next = first
+            self.q_tail = last
+            self.q_count += count
+            self.q_bytes += size
         return 0
 
     def recv(self, Py_ssize_t limit=-1):
@@ -473,7 +479,7 @@ cdef class Arq:
             self.ready_off += take
             left -= take
             if self.ready_off == head.len:
-                free(head)
+                seg_free(head)
                 self.ready_head = (self.ready_head + 1) & self.rcv_mask
                 self.ready_count -= 1
                 self.ready_off = 0
@@ -647,7 +653,7 @@ cdef class Arq:
             self.nflight -= 1
             self.flight_bytes -= seg.len
             self.resend_exact = False
-            free(seg)
+            seg_free(seg)
 
     cdef void advance_una(self) noexcept:
         while self.snd_una != self.snd_nxt and self.flight[self.snd_una & self.snd_mask] == NULL:
@@ -665,7 +671,7 @@ cdef class Arq:
         if tdiff(sn, self.rcv_nxt) < 0 or self.rcvbuf[i] != NULL:
             seg = NULL  # a duplicate: acknowledged again, nothing stored
         else:
-            seg = seg_new(length)
+            seg = seg_new(length, length)
             if seg == NULL:
                 return  # as if lost: not acknowledged, the peer sends it again
         if self.nacks < self.ack_limit:
@@ -714,10 +720,10 @@ cdef class Arq:
                     self.ready_bytes += seg.len
                     self.nready += 1
                 else:
-                    free(seg)
+                    seg_free(seg)
             else:
                 self.assemble(seg)
-                free(seg)
+                seg_free(seg)
 
     cdef void assemble(self, Seg *seg) noexcept:
         cdef size_t need, cap
@@ -864,43 +870,27 @@ cdef class Arq:
         return <int>imin(imin(self.snd_wnd, self._rmt_wnd), self.cc.window())
 
     cdef bint queued(self) noexcept:
-        return bq_len(&self.sndq) > 0 if self.stream else self.msg_lens.count > 0
+        return self.q_head != NULL
 
     cdef void admit(self, uint32_t now, int limit, int wnd, uint32_t una) noexcept:
         """Cut queued bytes into new segments and send them while the windows and the
         pacer allow; a first timer gets KCP's rto/8 slack in normal mode."""
         cdef bint pacing = self.pacing and self.pace_update(now, limit)
-        cdef size_t size
-        cdef uint32_t left = 0, frg
-        cdef uint32_t *front = NULL
         cdef Seg *seg
-        cdef uint32_t mss = self.mss
         cdef uint32_t slack = <uint32_t>(self._rto >> 3) if self.nodelay == 0 else 0
-        while self.queued() and tdiff(self.snd_nxt, self.snd_una) < limit:
-            if pacing and self.pace_credit < PACE_UNIT:
-                break
-            if self.stream:
-                size = <size_t>imin(bq_len(&self.sndq), mss)
-                frg = 0
-            else:
-                front = u32q_front(&self.msg_lens)
-                left = front[0]
-                size = left if left < mss else mss
-                frg = <uint32_t>imin((left + mss - 1) // mss if left else 1, 256) - 1
-            seg = seg_new(<uint32_t>size)
-            if seg == NULL:
-                break  # try again at the next flush
+        while self.q_head != NULL and tdiff(self.snd_nxt, self.snd_una) < limit:
             if pacing:
+                if self.pace_credit < PACE_UNIT:
+                    break
                 self.pace_credit -= PACE_UNIT
-            if not self.stream:
-                if left == size:
-                    u32q_pop(&self.msg_lens)
-                else:
-                    front[0] = left - <uint32_t>size
-                self.msg_segs -= 1
+            seg = self.q_head
+            self.q_head = seg.next
+            if self.q_head == NULL:
+                self.q_tail = NULL
+            seg.next = NULL
+            self.q_count -= 1
+            self.q_bytes -= seg.len
             seg.sn = self.snd_nxt
-            seg.frg = <uint8_t>frg
-            bq_pop_into(&self.sndq, seg_data(seg), size)
             seg.rto = self._rto
             seg.resendts = now + seg.rto + slack
             if self.nflight == 0:
@@ -909,7 +899,7 @@ cdef class Arq:
                 self.resend_min = seg.resendts
             self.flight[self.snd_nxt & self.snd_mask] = seg
             self.nflight += 1
-            self.flight_bytes += size
+            self.flight_bytes += seg.len
             self.snd_nxt += 1
             self.transmit(seg, now, wnd, una)
 
@@ -995,12 +985,19 @@ cdef class Arq:
         return self.out + start
 
     cdef void out_clear(self) noexcept:
-        """Forget the queued datagrams (the caller has sent them)."""
-        self.nout = 0
-        self.out_len = self.cur_start = 0
-        if self.out_cap > KEEP_BYTES:
+        """Forget the queued datagrams (the caller has sent them).
+
+        The buffer is kept for the next flush unless this drain used less than an
+        eighth of it: busy connections do not reallocate, idle ones shrink.
+        """
+        if self.out_cap > KEEP_BYTES and self.out_len < self.out_cap // 8:
             free(self.out)
             self.out, self.out_cap = NULL, 0
+        if self.ends_cap > 64 and self.nout < self.ends_cap // 8:
+            free(self.ends)
+            self.ends, self.ends_cap = NULL, 0
+        self.nout = 0
+        self.out_len = self.cur_start = 0
         if self.ends_cap > 256:
             free(self.ends)
             self.ends, self.ends_cap = NULL, 0
@@ -1098,23 +1095,18 @@ cdef class Arq:
     @property
     def waitsnd(self):
         """Segments queued plus in flight."""
-        cdef int64_t queued
-        if self.stream:
-            queued = (bq_len(&self.sndq) + self.mss - 1) // self.mss
-        else:
-            queued = self.msg_segs
-        return queued + self.nflight
+        return self.q_count + self.nflight
 
     @property
     def pending_bytes(self):
         """Bytes accepted by send() and not yet acknowledged."""
-        return bq_len(&self.sndq) + self.flight_bytes
+        return self.q_bytes + self.flight_bytes
 
     @property
     def buffered_bytes(self):
         """Bytes the engine holds: queued and in-flight data, out-of-order and unread
         received data, a message being assembled, and undrained output."""
-        return (bq_len(&self.sndq) + self.flight_bytes + self.rcv_buf_bytes + self.ready_bytes
+        return (self.q_bytes + self.flight_bytes + self.rcv_buf_bytes + self.ready_bytes
                 + self.msgs_bytes + self.partial_len + self.cur_start)
 
     @property
@@ -1123,21 +1115,25 @@ cdef class Arq:
         cdef uint32_t i
         cdef size_t total = 0
         cdef size_t ring = self.rcv_mask + 1
+        cdef Seg *seg = self.q_head
+        while seg != NULL:
+            total += sizeof(Seg) + seg.cap
+            seg = seg.next
         total += (self.snd_mask + 1) * sizeof(Seg *) + ring * sizeof(Seg *)
         total += ring * sizeof(Seg *) if self.stream else ring * sizeof(Msg)
         for i in range(self.snd_mask + 1):
             if self.flight[i] != NULL:
-                total += sizeof(Seg) + self.flight[i].len
+                total += sizeof(Seg) + self.flight[i].cap
         for i in range(ring):
             if self.rcvbuf[i] != NULL:
-                total += sizeof(Seg) + self.rcvbuf[i].len
+                total += sizeof(Seg) + self.rcvbuf[i].cap
         if self.stream:
             for i in range(self.ready_count):
-                total += sizeof(Seg) + self.ready[(self.ready_head + i) & self.rcv_mask].len
+                total += sizeof(Seg) + self.ready[(self.ready_head + i) & self.rcv_mask].cap
         else:
             for i in range(self.msgs_count):
                 total += self.msgs[(self.msgs_head + i) & self.rcv_mask].cap
-        total += self.sndq.cap + self.msg_lens.cap * sizeof(uint32_t) + self.partial_cap
+        total += self.partial_cap
         total += self.acks_cap * 2 * sizeof(uint32_t) + self.out_cap + self.ends_cap * sizeof(uint32_t)
         return total
 
