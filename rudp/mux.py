@@ -200,7 +200,7 @@ class StreamState(enum.Enum):
     LOCAL_CLOSED = "local-closed"  # we ended our side (FIN); we still read
     REMOTE_CLOSED = "remote-closed"  # the peer ended its side; we still write
     CLOSED = "closed"  # both sides ended (or the application closed the stream)
-    RESET = "reset"  # the peer reset it; kept until the application learns
+    RESET = "reset"  # aborted by either side (a peer's reset is kept until the app learns)
 
 
 class StreamInput(enum.Enum):
@@ -383,6 +383,7 @@ class _ByteQueue:
 class _Stream:
     __slots__ = (
         "abandoned",
+        "closing_frames",
         "consumed",
         "eof",
         "eof_delivered",
@@ -429,11 +430,12 @@ class _Stream:
         self.syn_sent = not local  # the peer's own streams are known to it
         self.fin_pending = False  # FIN wanted once tx drains
         self.fin_committed = False  # FIN is in the control queue (or out)
+        self.closing_frames = 0  # its FIN/RST still queued: the stream keeps its slot
         self.fin_sent = False
         self.eof = False
         self.eof_delivered = False
         self.refused = False
-        self.abandoned = False  # close_stream(): invisible to the application
+        self.abandoned = False  # the application is done with it (closed, reset, told of a reset)
         self.read_armed = True
         self.want_writable = False
         self.in_ready = False
@@ -813,7 +815,7 @@ class Session:
         if self._closed:
             return
         st = self._streams.get(sid)
-        if st is not None:
+        if st is not None and not st.abandoned:
             self._step(st, StreamInput.RESET)
 
     def close_stream(self, sid: int) -> None:
@@ -825,7 +827,7 @@ class Session:
         if self._closed:
             return
         st = self._streams.get(sid)
-        if st is not None:
+        if st is not None and not st.abandoned:
             self._step(st, StreamInput.CLOSE)
 
     def close(self, error: RudpError | None = None) -> None:
@@ -861,26 +863,23 @@ class Session:
         st.tx.clear()
         st.fin_pending = False
         if not st.syn_sent:
-            # Its SYN is still queued: withdraw it (and its UPD); the peer never hears of it.
+            # Its SYN is still queued: withdraw it (and its UPD, FIN); the peer never hears of it.
             kept = [item for item in self._control if item[1] != st.sid]
             self._control.clear()
             self._control.extend(kept)
+            st.closing_frames = 0
         elif self.extensions:
-            self._control.append((_RST, st.sid, RST_RESET))
+            self._queue_closing(st, _RST, RST_RESET)
             self.stats.resets_sent += 1
         elif not st.fin_committed:
-            self._control.append((_FIN, st.sid, 0))
-        self._release(st)
+            self._queue_closing(st, _FIN, 0)
+        self._finish(st)
 
     def _do_abandon(self, st: _Stream, body: bytes | None) -> None:
-        st.abandoned = True
         self._discard_input(st)
-        for kind in (StreamReadable, StreamEnded, StreamWritable):
-            self._events.pop((kind, st.sid), None)
-        if st.fin_pending or st.fin_committed:
-            self._maybe_release(st)
-        else:
+        if not (st.fin_pending or st.fin_committed):
             self._do_queue_fin(st, None)
+        self._finish(st)
 
     def _do_deliver(self, st: _Stream, body: bytes | None) -> None:
         assert body is not None
@@ -916,7 +915,7 @@ class Session:
         self._discard_input(st)
         self.stats.resets_received += 1
         if st.sid in self._backlog:  # never accepted: the application never knew it
-            self._release(st)
+            self._finish(st)
             return
         self._events.pop((StreamReadable, st.sid), None)
         self._events.pop((StreamEnded, st.sid), None)
@@ -945,13 +944,13 @@ class Session:
         raise ClosedError(f"stream {st.sid} is closed for writing")
 
     def _do_fail_reset(self, st: _Stream, body: bytes | None) -> None:
-        self._release(st)
+        self._finish(st)
         if st.refused:
             raise ConnectionRefused(f"stream {st.sid} was refused by the peer")
         raise ConnectionReset(f"stream {st.sid} was reset by the peer")
 
     def _do_release(self, st: _Stream, body: bytes | None) -> None:
-        self._release(st)
+        self._finish(st)
 
     # ------------------------------------------------------------ frames in
 
@@ -1050,10 +1049,11 @@ class Session:
                 st.syn_sent = True
             frame = SMUX_HEADER.pack(v, SMUX_SYN, 0, sid)
         elif kind == _FIN:
-            if arg:
+            if arg:  # a refusal: no stream behind it
                 self._refusals_queued -= 1
-            if st is not None:
+            elif st is not None:
                 st.fin_sent = True
+                self._closing_frame_out(st)
             frame = SMUX_HEADER.pack(v, SMUX_FIN, 0, sid)
         elif kind == _NOP:
             self._nop_queued = False
@@ -1062,6 +1062,8 @@ class Session:
         elif kind == _RST:
             if arg == RST_REFUSED:
                 self._refusals_queued -= 1
+            elif st is not None:
+                self._closing_frame_out(st)
             frame = SMUX_HEADER.pack(v, MUX_RST, _RST_BODY_SIZE, sid) + arg.to_bytes(4, "little")
         else:  # _UPD
             if st is None:
@@ -1082,7 +1084,14 @@ class Session:
     def _commit_fin(self, st: _Stream) -> None:
         st.fin_pending = False
         st.fin_committed = True
-        self._control.append((_FIN, st.sid, 0))
+        self._queue_closing(st, _FIN, 0)
+
+    def _queue_closing(self, st: _Stream, kind: str, arg: int) -> None:
+        st.closing_frames += 1
+        self._control.append((kind, st.sid, arg))
+
+    def _closing_frame_out(self, st: _Stream) -> None:
+        st.closing_frames -= 1
         self._maybe_release(st)
 
     def _sendable(self, st: _Stream) -> bool:
@@ -1156,10 +1165,22 @@ class Session:
         self._streams[sid] = st
         return st
 
+    def _finish(self, st: _Stream) -> None:
+        """The application is done with the stream: hide it, release it once flushed."""
+        st.abandoned = True
+        for kind in (StreamOpened, StreamReadable, StreamEnded, StreamWritable):
+            self._events.pop((kind, st.sid), None)
+        if st.sid in self._backlog:
+            self._backlog.remove(st.sid)
+        self._maybe_release(st)
+
     def _maybe_release(self, st: _Stream) -> None:
-        """Forget a stream once its FIN is queued and the application is done with it
-        (it closed the stream, or it has read to EOF)."""
-        if st.fin_committed and (st.abandoned or st.eof_delivered):
+        """Forget a stream once the application is done with it (closed, reset, or read
+        to EOF after our FIN) and its last frame is out: until then it keeps its slot
+        (which is what bounds the control queue by ``max_streams``)."""
+        if st.closing_frames or st.fin_pending:
+            return
+        if st.abandoned or (st.eof_delivered and st.fin_sent):
             self._release(st)
 
     def _release(self, st: _Stream) -> None:
@@ -1172,7 +1193,7 @@ class Session:
         st.in_ready = False
         for kind in (StreamOpened, StreamReadable, StreamEnded, StreamWritable, StreamReset):
             self._events.pop((kind, sid), None)
-        if sid in self._backlog:
+        if sid in self._backlog:  # read to EOF and ended without ever being accepted
             self._backlog.remove(sid)
 
     def _emit(self, event: Event) -> None:

@@ -585,8 +585,11 @@ def test_reset_with_extensions_peer_sees_reset() -> None:
     assert p.b.accept_stream() == sid
     p.b.send(sid, b"x" * 100000)
     p.a.reset_stream(sid)
-    assert p.a.stream_ids() == []  # released at once
+    with pytest.raises(ClosedError):
+        p.a.read(sid)  # gone for the application at once
+    assert p.a.stream_ids() == [sid]  # the slot is freed once the RST is out
     p.pump()
+    assert p.a.stream_ids() == []
     assert StreamReset(sid, refused=False) in p.events[p.b]
     assert p.b.stream_info(sid).state is StreamState.RESET  # type: ignore[union-attr]
     assert p.b.stream_info(sid).send_buffered == 0  # type: ignore[union-attr]
@@ -745,6 +748,22 @@ def test_refusals_cannot_pile_up_while_nothing_is_pulled() -> None:
     assert not s.closed  # 2 accepted, 2 refusals queued
     s.receive_data(frame(2, SYN, 11), 0)
     assert "beyond our limits" in str(s.error)
+
+
+@pytest.mark.parametrize("how", ["close_stream", "reset_stream"])
+def test_closing_frames_keep_the_slot_so_the_control_queue_is_bounded(how: str) -> None:
+    c = client(max_streams=4, extensions=True)
+    sids = [c.open_stream() for _ in range(4)]
+    assert len(c.data_to_send(4 * 8, 0)) == 32  # the SYNs leave; then the channel is stuck
+    for sid in sids:
+        getattr(c, how)(sid)
+        getattr(c, how)(sid)  # twice is harmless
+    with pytest.raises(ConnectionRefused):  # the FINs/RSTs are still queued
+        c.open_stream()
+    frames = parse(c.data_to_send(1 << 20, 0))
+    assert [cmd for _, cmd, _, _ in frames] == [FIN if how == "close_stream" else RST] * 4
+    assert c.stream_ids() == []
+    c.open_stream()
 
 
 def test_send_buffer_is_bounded_and_writable_follows() -> None:
