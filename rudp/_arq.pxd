@@ -78,7 +78,6 @@ cdef class Arq:
     # receive side
     cdef uint32_t rcv_nxt, rcv_mask
     cdef Seg **rcvbuf
-    cdef int nrcv_buf
     cdef int64_t rcv_buf_bytes
     cdef int nready
     cdef uint32_t *acks

@@ -8,7 +8,10 @@ This one only changes representation:
 * segments are one ``malloc`` each (a ``Seg`` header with the payload right
   after it), held in rings indexed by ``sn`` (flight, receive buffer) and a
   ring of unread payloads; memory follows the data in flight and unread;
-* unsent data is one byte FIFO, cut into segments when they enter the flight;
+* unsent data is cut into segments at ``send`` (as ikcp does; the reference
+  cuts when they enter the flight, with the same result), kept in a list;
+* segments of about one MSS are recycled through a small process-wide pool:
+  they are too large for glibc's fast per-thread cache;
 * output datagrams are built back to back in one buffer; Python objects appear
   only at the API boundary (one ``bytes`` per datagram, one per ``recv``);
 * a lower bound of the earliest retransmission timer lets ``flush`` skip the
@@ -26,62 +29,58 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
-from rudp.arq import STATS, resolve_params
+from rudp import arq as spec
+from rudp import wire
 
 # ---------------------------------------------------------------------------- constants
-# (the same values as rudp.arq; tests/test_arq_differential.py holds them equal)
+# Read once from the reference modules, so there is one place for each value.
 
-cdef enum:
-    OVERHEAD = 24
-    CMD_PUSH = 81
-    CMD_ACK = 82
-    CMD_WASK = 83
-    CMD_WINS = 84
-    RTO_INIT = 200
-    PROBE_INIT = 500
-    PROBE_MAX = 120000
-    THRESH_INIT = 2
-    THRESH_MIN = 2
-    RMT_WND_INIT = 128
-    DUP_SPAN = 65536
-    ASK_SEND = 1
-    ASK_TELL = 2
-    PACE_UNIT = 1024
-    PACE_GAIN_NUM = 5
-    PACE_GAIN_DEN = 4
-    PACE_BURST = 4
-    ERR_SHORT = -1
-    ERR_CONV = -2
-    ERR_TRUNCATED = -3
-    ERR_CMD = -4
-    NO_WINDOW_LIMIT = 0x7FFFFFFF
-    KEEP_BYTES = 4096  # an output buffer larger than this is released when mostly unused
+cdef int OVERHEAD = wire.KCP_OVERHEAD
+cdef int CMD_PUSH = wire.KCP_CMD_PUSH
+cdef int CMD_ACK = wire.KCP_CMD_ACK
+cdef int CMD_WASK = wire.KCP_CMD_WASK
+cdef int CMD_WINS = wire.KCP_CMD_WINS
+cdef int RTO_INIT = spec.RTO_INIT
+cdef int PROBE_INIT = spec.PROBE_INIT
+cdef int PROBE_MAX = spec.PROBE_MAX
+cdef int THRESH_INIT = spec.THRESH_INIT
+cdef int THRESH_MIN = spec.THRESH_MIN
+cdef int RMT_WND_INIT = spec.RMT_WND_INIT
+cdef int DUP_SPAN = spec.DUP_SPAN
+cdef int ASK_SEND = spec.ASK_SEND
+cdef int ASK_TELL = spec.ASK_TELL
+cdef int PACE_UNIT = spec.PACE_UNIT
+cdef int PACE_GAIN_NUM = spec.PACE_GAIN_NUM
+cdef int PACE_GAIN_DEN = spec.PACE_GAIN_DEN
+cdef int PACE_BURST = spec.PACE_BURST
+cdef int ERR_SHORT = spec.ERR_SHORT
+cdef int ERR_CONV = spec.ERR_CONV
+cdef int ERR_TRUNCATED = spec.ERR_TRUNCATED
+cdef int ERR_CMD = spec.ERR_CMD
+cdef int NO_WINDOW_LIMIT = 0x7FFFFFFF  # what the "none" controller allows
+cdef size_t KEEP_BYTES = 4096  # an output buffer larger than this is released when mostly unused
 
-# counter indexes, in rudp.arq.STATS order
-cdef enum:
-    S_IN_PKTS = 0
-    S_OUT_PKTS = 1
-    S_IN_SEGS = 2
-    S_OUT_SEGS = 3
-    S_IN_BYTES = 4
-    S_OUT_BYTES = 5
-    S_RETRANS = 6
-    S_FAST_RETRANS = 7
-    S_LOST = 8
-    S_REPEAT = 9
-    S_IN_ERRORS = 10
-    S_OUT_OF_WINDOW = 11
-    S_ACK_IN = 12
-    S_ACK_OUT = 13
-    S_ACKS_DROPPED = 14
-    S_PROBE = 15
-    S_WINS = 16
-    S_OVERSIZE = 17
-    NSTATS = 18
-
-_STAT_NAMES = tuple(STATS)
-assert len(_STAT_NAMES) == NSTATS, "rudp.arq.STATS and rudp._arq disagree"
-assert _STAT_NAMES[S_OUT_OF_WINDOW] == "out_of_window" and _STAT_NAMES[S_OVERSIZE] == "oversize_messages"
+# counter indexes into Arq.st, in rudp.arq.STATS order
+_STAT_NAMES = tuple(spec.STATS)
+cdef int S_IN_PKTS = _STAT_NAMES.index("in_pkts")
+cdef int S_OUT_PKTS = _STAT_NAMES.index("out_pkts")
+cdef int S_IN_SEGS = _STAT_NAMES.index("in_segs")
+cdef int S_OUT_SEGS = _STAT_NAMES.index("out_segs")
+cdef int S_IN_BYTES = _STAT_NAMES.index("in_bytes")
+cdef int S_OUT_BYTES = _STAT_NAMES.index("out_bytes")
+cdef int S_RETRANS = _STAT_NAMES.index("retrans_segs")
+cdef int S_FAST_RETRANS = _STAT_NAMES.index("fast_retrans_segs")
+cdef int S_LOST = _STAT_NAMES.index("lost_segs")
+cdef int S_REPEAT = _STAT_NAMES.index("repeat_segs")
+cdef int S_IN_ERRORS = _STAT_NAMES.index("in_errors")
+cdef int S_OUT_OF_WINDOW = _STAT_NAMES.index("out_of_window")
+cdef int S_ACK_IN = _STAT_NAMES.index("ack_segs_in")
+cdef int S_ACK_OUT = _STAT_NAMES.index("ack_segs_out")
+cdef int S_ACKS_DROPPED = _STAT_NAMES.index("acks_dropped")
+cdef int S_PROBE = _STAT_NAMES.index("probe_segs")
+cdef int S_WINS = _STAT_NAMES.index("wins_segs")
+cdef int S_OVERSIZE = _STAT_NAMES.index("oversize_messages")
+assert len(_STAT_NAMES) == 18, "rudp.arq.STATS and Arq.st[18] in rudp/_arq.pxd disagree"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -285,7 +284,7 @@ cdef class Arq:
         cdef uint32_t cap, i
         if self.flight != NULL:
             raise RuntimeError("Arq.__init__ called twice")
-        rto_min = resolve_params(
+        rto_min = spec.resolve_params(
             conv, mtu, snd_wnd, rcv_wnd, nodelay, interval, resend, congestion, pacing,
             stream, rto_min, rto_max, fast_limit, dead_link, max_message,
         )
@@ -341,7 +340,6 @@ cdef class Arq:
         self._dead = False
 
         self.rcv_nxt = 0
-        self.nrcv_buf = 0
         self.rcv_buf_bytes = 0
         self.nready = 0
         self.nacks = self.acks_cap = 0
@@ -696,7 +694,6 @@ cdef class Arq:
         if length:
             memcpy(seg_data(seg), data, length)
         self.rcvbuf[i] = seg
-        self.nrcv_buf += 1
         self.rcv_buf_bytes += length
         if sn == self.rcv_nxt:
             self.deliver()
@@ -710,7 +707,6 @@ cdef class Arq:
             if seg == NULL:
                 return
             self.rcvbuf[i] = NULL
-            self.nrcv_buf -= 1
             self.rcv_buf_bytes -= seg.len
             self.rcv_nxt += 1
             if self.stream:

@@ -24,6 +24,10 @@ What follows KCP (``ikcp.c``) and what is rudp's own:
   ACK instead of per datagram so batching does not change the outcome);
   ``resend`` skips trigger it, at most ``fast_limit`` times per segment. A
   segment's skip count restarts at each of its transmissions.
+* Congestion control: ``none`` (KCP ``nc=1``) or ``reno`` (KCP's, with its
+  growth step applied per newly acknowledged segment rather than per input
+  call, so ACK packing does not slow it); retransmissions go out before new
+  data, and new data goes out under the window as the controller left it.
 * Windows: the free receive window goes out in every segment; a zero remote
   window is probed (WASK) with a growing interval, and a receive window that
   was advertised as zero is announced (WINS) as soon as reading reopens it.
@@ -357,7 +361,6 @@ class Arq:
         self._rcv_nxt = 0
         self._rcv_mask = _pow2_at_least(rcv_wnd) - 1
         self._rcv_buf: list[tuple[int, bytes] | None] = [None] * (self._rcv_mask + 1)
-        self._nrcv_buf = 0
         self._rcv_buf_bytes = 0
         self._nready = 0  # segments counted against the window: delivered, not yet read
         self._acks: list[tuple[int, int]] = []  # (sn, ts) to acknowledge at the next flush
@@ -573,7 +576,6 @@ class Arq:
             self._stats["repeat_segs"] += 1
             return
         self._rcv_buf[i] = (frg, bytes(payload))
-        self._nrcv_buf += 1
         self._rcv_buf_bytes += len(payload)
         if sn == self._rcv_nxt:
             self._deliver()
@@ -587,7 +589,6 @@ class Arq:
             if item is None:
                 return
             buf[i] = None
-            self._nrcv_buf -= 1
             self._rcv_buf_bytes -= len(item[1])
             self._rcv_nxt = (self._rcv_nxt + 1) & _MASK
             frg, data = item
