@@ -224,8 +224,6 @@ class NamespaceLink:
         return self
 
     def _start_forwarder(self) -> None:
-        from netem.forwarder import main as _  # noqa: F401  (fail early if unimportable)
-
         toml = _profile_toml(self.profile)
         self._forwarder = subprocess.Popen(
             [

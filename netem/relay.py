@@ -64,9 +64,9 @@ class _Mapping:
 
     __slots__ = ("client", "sock")
 
-    def __init__(self, client: Address, sock: socket.socket) -> None:
+    def __init__(self, client: Address) -> None:
         self.client = client
-        self.sock = sock
+        self.sock: socket.socket | None = None
 
 
 class Relay:
@@ -117,7 +117,8 @@ class Relay:
             self._timer = None
         loop = self._loop
         for mapping in list(self._mappings.values()):
-            self._drop_socket(mapping.sock)
+            if mapping.sock is not None:
+                self._drop_socket(mapping.sock)
         self._mappings.clear()
         if self._listen is not None and loop is not None:
             loop.remove_reader(self._listen.fileno())
@@ -151,6 +152,7 @@ class Relay:
             mapping = next(iter(self._mappings.values()))
         else:
             mapping = self._mappings[client]
+        assert mapping.sock is not None
         host, port = mapping.sock.getsockname()[:2]
         return (host, port)
 
@@ -160,7 +162,8 @@ class Relay:
         for mapping in targets:
             old = mapping.sock
             mapping.sock = self._open_upstream(mapping)
-            self._drop_socket(old)
+            if old is not None:
+                self._drop_socket(old)
             self.rebinds += 1
 
     # ------------------------------------------------------------ I/O
@@ -190,7 +193,7 @@ class Relay:
                 continue  # e.g. an ICMP error queued on the socket
             client = (client[0], client[1])
             if client not in self._mappings:
-                mapping = _Mapping(client, None)  # type: ignore[arg-type]
+                mapping = _Mapping(client)
                 mapping.sock = self._open_upstream(mapping)
                 self._mappings[client] = mapping
             queue.enqueue(data, client, time.monotonic_ns())
@@ -218,7 +221,7 @@ class Relay:
         forward, reverse = self._queues
         for _, data, client in forward.take():
             mapping = self._mappings.get(client)
-            if mapping is not None:
+            if mapping is not None and mapping.sock is not None:
                 self._send(mapping.sock, data, self.server)
         if self._listen is not None:
             for _, data, client in reverse.take():

@@ -27,6 +27,7 @@ from typing import Any
 
 from netem.harness import BACKENDS, Job, JobResult, load_plugins
 from netem.profile import Profile, load_profile
+from netem.workloads import MESSAGE
 from rudp import units
 
 __all__ = ["add_arguments", "run", "summarize"]
@@ -256,10 +257,12 @@ def _job(args: argparse.Namespace, protocol: str, config_toml: str | None) -> Jo
     size = units.parse_size(args.size or DEFAULT_SIZE[args.workload], "size")
     interval = units.parse_duration(args.interval, "interval")
     duration = units.parse_duration(args.duration, "duration")
-    if args.workload != "bulk" and not 16 <= size <= 65536 and args.workload == "messages":
-        raise ValueError(f"size: messages carry a 12-byte header; use 16..65536 bytes, got {size}")
-    if args.workload == "echo" and not 12 <= size <= 65536:
-        raise ValueError(f"size: echo messages need 12..65536 bytes, got {size}")
+    if args.workload != "bulk" and not MESSAGE.size <= size <= 65536:
+        raise ValueError(
+            f"size: messages carry a {MESSAGE.size}-byte header; use {MESSAGE.size}..65536, got {size}"
+        )
+    if args.workload == "bulk" and not 1 <= size <= 1 << 34:
+        raise ValueError(f"size: bulk transfers of 1 B..16 GiB, got {size}")
     if not 0.0001 <= interval <= 60:
         raise ValueError(f"interval must be in [100us, 60s], got {args.interval!r}")
     if not 0.1 <= duration <= 3600:
