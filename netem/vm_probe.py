@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 
@@ -38,7 +40,9 @@ __all__ = [
     "DEV_B",
     "NS_A",
     "NS_B",
+    "Netns",
     "ProbeStats",
+    "disable_tx_checksum",
     "flow_stats",
     "flow_times",
     "make_link",
@@ -46,6 +50,7 @@ __all__ = [
     "probe_stats",
     "qdisc_stats",
     "remove_link",
+    "run_pair",
     "run_scenario",
     "udp_rcvbuf_errors",
 ]
@@ -59,6 +64,7 @@ PORT = 47000
 
 _CLONE_NEWNET = 0x40000000
 _SO_TIMESTAMPNS = 35  # also SCM_TIMESTAMPNS
+_SIOCETHTOOL, _ETHTOOL_STXCSUM = 0x8946, 0x17
 
 
 def _sh(argv: Sequence[str]) -> str:
@@ -76,7 +82,7 @@ def remove_link() -> None:
 def _link_exists() -> bool:
     try:
         for ns, dev in ((NS_A, DEV_A), (NS_B, DEV_B)):
-            with _Netns(ns):
+            with Netns(ns):
                 socket.if_nametoindex(dev)
     except OSError:
         return False
@@ -93,6 +99,22 @@ def _create_link() -> None:
         _sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
         _sh(["ip", "-n", ns, "link", "set", dev, "up"])
         _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        disable_tx_checksum(ns, dev)
+
+
+def disable_tx_checksum(ns: str, dev: str) -> None:
+    """Turn a device's transmit checksum offload off (``ethtool -K DEV tx off``).
+
+    Why: netem draws loss, delay and duplication once per skb, and a UDP GSO
+    send is one skb of up to 64 datagrams, so "10% loss" would drop whole
+    bursts. Without checksum offload a GSO send fails with EIO and rudp falls
+    back to one datagram per skb. (``gso_max_segs 1`` does not do it: the GSO
+    skb still passes the qdisc whole and is split only when transmitted.)
+    """
+    value = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_STXCSUM, 0))
+    request = struct.pack("16sP", dev.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+    with Netns(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, _SIOCETHTOOL, request)
 
 
 def make_link(forward: str | Sequence[str] = (), reverse: str | Sequence[str] = ()) -> None:
@@ -116,7 +138,7 @@ def make_link(forward: str | Sequence[str] = (), reverse: str | Sequence[str] = 
             commands = [f"tc qdisc add dev {dev} root netem {spec}"] if spec.strip() else []
         else:
             commands = list(spec)
-        with _Netns(ns):  # children inherit the namespace
+        with Netns(ns):  # children inherit the namespace
             for command in commands:
                 _sh(shlex.split(command))
 
@@ -128,14 +150,14 @@ def qdisc_stats(ns: str, dev: str) -> list[dict]:
 
 def udp_rcvbuf_errors(ns: str) -> int:
     """UDP receive-buffer drops in a namespace (a probe lost there is not netem's doing)."""
-    with _Netns(ns), open("/proc/self/net/snmp") as f:
+    with Netns(ns), open("/proc/self/net/snmp") as f:
         lines = [ln.split() for ln in f]
     udp = [ln for ln in lines if ln and ln[0] == "Udp:"]
     row = dict(zip(udp[0][1:], udp[1][1:], strict=True))
     return int(row.get("RcvbufErrors", 0))
 
 
-class _Netns:
+class Netns:
     """Enter a named network namespace for the calling thread (sockets keep theirs)."""
 
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -190,13 +212,13 @@ def probe(
     senders, receivers = {}, {}
     for i, flow in enumerate(flows):
         tx_ns, tx_addr, rx_ns, rx_addr = _FLOWS[flow]
-        with _Netns(rx_ns):
+        with Netns(rx_ns):
             rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             rx.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             rx.bind((rx_addr, PORT + i))
             rx.setblocking(False)
-        with _Netns(tx_ns):
+        with Netns(tx_ns):
             tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tx.bind((tx_addr, 0))
             tx.connect((rx_addr, PORT + i))
@@ -359,6 +381,85 @@ def run_scenario(
     return result
 
 
+def run_pair(
+    server: Sequence[str],
+    client: Sequence[str],
+    timeout: float,
+    forward: str | Sequence[str] = (),
+    reverse: str | Sequence[str] = (),
+) -> dict:
+    """A server in B and its client in A across the link (``rudp sim``'s workloads).
+
+    The server gets ``--bind ADDR_B:0`` and must print ``{"port": P}`` first;
+    the client gets ``--connect ADDR_B:P``. Returns both processes' output and
+    the qdiscs' statistics. Output goes through files, so neither side can
+    block on a full pipe while the other runs.
+    """
+    make_link(forward, reverse)
+    deadline = time.monotonic() + timeout
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {
+            f"{side}_{stream}": open(os.path.join(tmp, f"{side}.{stream}"), "w+")  # noqa: SIM115
+            for side in ("server", "client")
+            for stream in ("stdout", "stderr")
+        }
+        procs = {}
+        try:
+            with Netns(NS_B):
+                procs["server"] = subprocess.Popen(
+                    [*server, "--bind", f"{ADDR_B}:0"],
+                    stdout=files["server_stdout"],
+                    stderr=files["server_stderr"],
+                )
+            port = _wait_for_port(procs["server"], files["server_stdout"], deadline)
+            if port is not None:
+                with Netns(NS_A):
+                    procs["client"] = subprocess.Popen(
+                        [*client, "--connect", f"{ADDR_B}:{port}"],
+                        stdout=files["client_stdout"],
+                        stderr=files["client_stderr"],
+                    )
+            for side in ("client", "server"):
+                proc = procs.get(side)
+                if proc is None:
+                    continue
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    result[f"{side}_timed_out"] = True
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            for name, f in files.items():
+                f.seek(0)
+                text = f.read()
+                result[name] = text if name.endswith("stdout") else text[-4000:]
+                f.close()
+    result["qdisc"] = {"forward": qdisc_stats(NS_A, DEV_A), "reverse": qdisc_stats(NS_B, DEV_B)}
+    return result
+
+
+def _wait_for_port(proc: subprocess.Popen, out, deadline: float) -> int | None:
+    """The port in the server's first JSON line, or None if it exits or time runs out."""
+    while time.monotonic() < deadline:
+        out.seek(0)
+        first = out.readline()
+        if first.endswith("\n"):
+            try:
+                return int(json.loads(first)["port"])
+            except (ValueError, KeyError, TypeError):
+                return None
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.05)
+    return None
+
+
 def _parse_duration(text: str) -> float:
     for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0)):
         if text.endswith(suffix):
@@ -383,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pr.add_argument("--settle", type=_parse_duration, default=2.0)
     pr.add_argument("--out", required=True)
     sub.add_parser("qdisc", help="print tc -s -j qdisc show of both link ends")
+    pa = sub.add_parser("pair", help="run a server in B and a client in A across the link")
+    pa.add_argument("spec", help="JSON: {server, client, timeout, forward, reverse}")
+    pa.add_argument("--out", required=True)
     pl = sub.add_parser("plan", help="run several link + probe scenarios in one process")
     pl.add_argument("plan", help="JSON: {name: {forward, reverse, count, interval, size, flows}}")
     pl.add_argument("--out", required=True)
@@ -401,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = json.load(f)
         with open(args.out, "w") as f:
             json.dump({name: run_scenario(**spec) for name, spec in plan.items()}, f)
+    elif args.command == "pair":
+        with open(args.spec) as f:
+            spec = json.load(f)
+        with open(args.out, "w") as f:
+            json.dump(run_pair(**spec), f)
     elif args.command == "qdisc":
         print(
             json.dumps({"forward": qdisc_stats(NS_A, DEV_A), "reverse": qdisc_stats(NS_B, DEV_B)})
