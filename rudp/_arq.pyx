@@ -26,7 +26,7 @@ them raises: allocation failures degrade to loss (the peer retransmits).
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from rudp import arq as spec
@@ -181,7 +181,7 @@ cdef class Congestion:
     """KCP's ``nc=1``: only the send window and the peer's window limit the flight.
 
     The base of the pluggable controllers: a controller answers ``window()``
-    (segments it allows in flight) and hears of una advances, fast
+    (segments it allows in flight) and hears of acknowledged segments, fast
     retransmissions and timeouts (see ``rudp.arq.NoCongestion``). Controllers
     are ``cdef`` classes: the engine calls them through their C vtable.
     """
@@ -281,7 +281,7 @@ cdef class Arq:
         dead_link=20,
         max_message=4 << 20,
     ):
-        cdef uint32_t cap, i
+        cdef uint32_t cap
         if self.flight != NULL:
             raise RuntimeError("Arq.__init__ called twice")
         rto_min = spec.resolve_params(
@@ -312,20 +312,16 @@ cdef class Arq:
         self.snd_una = self.snd_nxt = 0
         cap = pow2_at_least(snd_wnd)
         self.snd_mask = cap - 1
-        self.flight = <Seg **>malloc(cap * sizeof(Seg *))
+        self.flight = <Seg **>calloc(cap, sizeof(Seg *))
         cap = pow2_at_least(rcv_wnd)
         self.rcv_mask = cap - 1
-        self.rcvbuf = <Seg **>malloc(cap * sizeof(Seg *))
+        self.rcvbuf = <Seg **>calloc(cap, sizeof(Seg *))
         if stream:
-            self.ready = <Seg **>malloc(cap * sizeof(Seg *))
+            self.ready = <Seg **>calloc(cap, sizeof(Seg *))
         else:
-            self.msgs = <Msg *>malloc(cap * sizeof(Msg))
+            self.msgs = <Msg *>calloc(cap, sizeof(Msg))
         if self.flight == NULL or self.rcvbuf == NULL or (self.ready == NULL and self.msgs == NULL):
             raise MemoryError()
-        for i in range(self.snd_mask + 1):
-            self.flight[i] = NULL
-        for i in range(self.rcv_mask + 1):
-            self.rcvbuf[i] = NULL
         self.nflight = 0
         self.flight_bytes = 0
         self._rmt_wnd = RMT_WND_INIT
@@ -407,45 +403,41 @@ cdef class Arq:
         cdef Seg *first = NULL
         cdef Seg *last = NULL
         cdef Seg *seg
-        cdef Py_ssize_t take, count, i = 0
+        cdef Py_ssize_t fill = 0, take, count, i
         cdef uint32_t mss = self.mss
         if self.stream:
-            seg = self.q_tail
-            if seg != NULL and seg.len < mss and size:
-                take = <Py_ssize_t>imin(size, mss - seg.len)
-                memcpy(seg_data(seg) + seg.len, data, take)
-                seg.len += <uint32_t>take
-                self.q_bytes += take
-                data += take
-                size -= take
-            count = (size + mss - 1) // mss
+            if self.q_tail != NULL and self.q_tail.len < mss:
+                fill = <Py_ssize_t>imin(size, mss - self.q_tail.len)
+            count = (size - fill + mss - 1) // mss
         else:
             if <size_t>size > self.max_message:
                 raise ValueError(f"message of {size} bytes exceeds max_message ({self.max_message})")
             count = imax(1, (size + mss - 1) // mss)
-        while i < count:
-            take = <Py_ssize_t>imin(size - i * mss, mss)
+        for i in range(count):  # allocate everything first: a failure changes nothing
+            take = <Py_ssize_t>imin(size - fill - i * mss, mss)
             seg = seg_new(<uint32_t>take, mss if self.stream else <uint32_t>take)
             if seg == NULL:
                 seg_free_list(first)
                 raise MemoryError()
             if take:
-                memcpy(seg_data(seg), data + i * mss, take)
+                memcpy(seg_data(seg), data + fill + i * mss, take)
             seg.frg = 0 if self.stream else <uint8_t>imin(count - 1 - i, 255)
             if last == NULL:
                 first = seg
             else:
                 last.next = seg
             last = seg
-            i += 1
+        if fill:
+            memcpy(seg_data(self.q_tail) + self.q_tail.len, data, fill)
+            self.q_tail.len += <uint32_t>fill
         if first != NULL:
             if self.q_tail == NULL:
                 self.q_head = first
             else:
                 self.q_tail.next = first
             self.q_tail = last
-            self.q_count += count
-            self.q_bytes += size
+        self.q_count += count
+        self.q_bytes += size
         return 0
 
     def recv(self, Py_ssize_t limit=-1):
