@@ -842,6 +842,16 @@ class Arq:
             return 0
         return max(0, _diff(self._pace_last, now) + -(-need // rate))
 
+    def _start_sequence(self, snd_nxt: int, rcv_nxt: int) -> None:
+        """Tests only: start both sequence spaces elsewhere (to cross 2**32 soon).
+
+        KCP peers start at 0, so a real connection never calls this.
+        """
+        if self._snd_nxt or self._rcv_nxt or self._queued() or self._stats["in_pkts"]:
+            raise RuntimeError("_start_sequence() needs a fresh engine")
+        self._snd_una = self._snd_nxt = snd_nxt & _MASK
+        self._rcv_nxt = rcv_nxt & _MASK
+
     # ------------------------------------------------------------------ state
 
     @property

@@ -138,6 +138,10 @@ def run_script(cy_cls, seed: int, steps: int) -> None:
     loss = rng.choice([0.0, 0.05, 0.2, 0.5])
     ab = Path(rng, loss, rng.choice([0, 0.05]), rng.choice([0, 0.1, 0.3]), rng.choice([0, 0.05]))
     ba = Path(rng, loss, rng.choice([0, 0.05]), rng.choice([0, 0.1, 0.3]), rng.choice([0, 0.05]))
+    if rng.random() < 0.3:  # sequence numbers about to wrap
+        sa, sb = (2**32 - rng.randrange(1, 200) for _ in range(2))
+        for twin, snd, rcv in ((a, sa, sb), (b, sb, sa)):
+            twin.call("_start_sequence", snd, rcv)
     counter = [0]
     now = rng.randrange(2**32)  # start anywhere: the clock wraps
     for _ in range(steps):

@@ -116,3 +116,24 @@ def test_reading_slowly_never_stalls(arq_cls):
                 link.send(i, datagram, now / 1000)
         now += 1
     assert got == data
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "message"])
+def test_sequence_numbers_wrap(arq_cls, stream):
+    """Sequence numbers cross 2**32 in the middle of a lossy, reordering transfer."""
+    kw = {"stream": stream, "mtu": 200, "snd_wnd": 64, "rcv_wnd": 64, **FAST3}
+    a, b = arq_cls(77, **kw), arq_cls(77, **kw)
+    a._start_sequence(2**32 - 300, 2**32 - 50)
+    b._start_sequence(2**32 - 50, 2**32 - 300)
+    link = netem.VirtualLink(CHAOS, seed=9)
+    rng = random.Random(9)
+    if stream:
+        up, down = stream_chunks(rng, 200_000), stream_chunks(rng, 50_000)
+    else:
+        up, down = messages(rng, a.mss), messages(rng, a.mss)
+    got_b, got_a, _ = transfer(a, b, link, up, down, message=not stream)
+    if stream:
+        assert b"".join(got_b) == b"".join(up) and b"".join(got_a) == b"".join(down)
+    else:
+        assert got_b == up and got_a == down
+    assert a.stats()["out_segs"] > 1000, "far enough past the wrap"
