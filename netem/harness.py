@@ -261,11 +261,152 @@ def _relay_carries(protocol: str) -> str | None:
 
 
 def _virtual_run(profile: Profile, seed: int, job: Job, progress: Progress | None) -> JobResult:
+    if job.protocol == "rudp":
+        return _virtual_rudp(profile, seed, job, progress)
+    return _virtual_kcp(profile, seed, job, progress)
+
+
+def _virtual_rudp(profile: Profile, seed: int, job: Job, progress: Progress | None) -> JobResult:
+    """rudp's sans-I/O connection and listener over a VirtualLink, driven by their deadlines."""
+    import random
+
+    from netem.virtual import VirtualLink
+    from netem.workloads import BULK, MESSAGE, Echoes, _configuration, bulk_payload
+    from rudp.connection import Connection, ConnectionState
+    from rudp.listener import Listener
+
+    client_addr, server_addr = ("10.0.0.1", 40000), ("10.0.0.2", 4000)
+    config = _configuration(job.config_toml)
+    link = VirtualLink(profile, seed)
+    rng = random.Random(seed)
+    listener = Listener(config, secret=rng.randbytes(32))
+    client = Connection(config, is_client=True, cid=rng.getrandbits(64))
+    server: Connection | None = None
+    now = 0.0
+
+    def ns(t: float) -> int:
+        return round(t * 1e9)
+
+    def pump() -> None:
+        nonlocal server
+        for _ in range(1000):
+            moved = False
+            for direction, conn in ((0, client), (1, server)):
+                if conn is None:
+                    continue
+                for datagram in conn.datagrams_to_send(now):
+                    link.send(direction, datagram, now)
+                    moved = True
+                while conn.next_event() is not None:
+                    pass
+            for packet, _ in listener.datagrams_to_send():
+                link.send(1, packet, now)
+                moved = True
+            if not moved:
+                return
+
+    samples: list[tuple[int, int]] = []
+    echoes = Echoes(job.size)
+    rtts = echoes.rtts
+    inbox = {0: bytearray(), 1: bytearray()}  # bytes read by client (0) and server (1)
+    payload = BULK.pack(0, job.size) + bulk_payload(job.size) if job.workload == "bulk" else b""
+    sent_bytes = got = end_ns = seq = 0
+    base: float | None = None
+    client.connect(server_addr, now)
+    pump()
+    limit = job.timeout
+
+    def finished() -> bool:
+        if job.workload == "messages":
+            return len(samples) >= job.count
+        if job.workload == "echo":
+            return len(rtts) >= job.count
+        return got >= len(payload)
+
+    while now < limit and not finished():
+        if base is None and client.state is ConnectionState.ESTABLISHED:
+            base = now
+        app_due = None
+        if base is not None and job.workload != "bulk" and seq < job.count:
+            app_due = base + seq * job.interval
+        times = [link.next_delivery(), client.get_timer(now), app_due]
+        if server is not None:
+            times.append(server.get_timer(now))
+        due = [t for t in times if t is not None]
+        if not due:
+            break
+        now = max(now, min(due))
+        for direction, data in link.receive(now):
+            if direction == 1:
+                client.receive_datagram(data, server_addr, now)
+            elif server is not None and server.state is not ConnectionState.TERMINATED:
+                server.receive_datagram(data, client_addr, now)
+                if server.state is ConnectionState.TERMINATED:
+                    server = None
+            if direction == 0 and server is None:
+                server = listener.receive_datagram(data, client_addr, now) or server
+        client.handle_timer(now)
+        if server is not None:
+            server.handle_timer(now)
+        if app_due is not None and now >= app_due:
+            if job.workload == "echo":
+                client.send(echoes.make(seq, ns(now)))
+            else:
+                client.send(MESSAGE.pack(seq, ns(now)) + bytes(max(0, job.size - MESSAGE.size)))
+            seq += 1
+        if base is not None and job.workload == "bulk" and sent_bytes < len(payload):
+            room = client.send_window_free
+            if room:
+                piece = payload[sent_bytes : sent_bytes + min(room, 65536)]
+                client.send(piece)
+                sent_bytes += len(piece)
+        for side, conn in ((0, client), (1, server)):
+            while conn is not None and conn.readable:
+                inbox[side] += conn.read()
+        box = inbox[1]
+        if job.workload == "bulk":
+            got += len(box)
+            box.clear()
+            end_ns = ns(now)
+        else:
+            while len(box) >= job.size:
+                message, box[:] = bytes(box[: job.size]), box[job.size :]
+                if job.workload == "messages":
+                    samples.append((MESSAGE.unpack_from(message)[1], ns(now)))
+                elif server is not None:
+                    server.send(message)
+            while len(inbox[0]) >= job.size:
+                echoes.returned(bytes(inbox[0][: job.size]), ns(now))
+                del inbox[0][: job.size]
+        pump()
+        if progress is not None:
+            progress(now)
+    stats = link.stats
+    wire = {
+        name: {"bytes": st.offered_bytes + _UDP_HEADERS * st.offered, "packets": st.offered}
+        for name, st in (("forward", stats[0]), ("reverse", stats[1]))
+    }
+    client_report: dict[str, Any] = {"stats": client.stats()}
+    client_report["retransmits"] = client_report["stats"].get("retrans_segs")
+    server_report: dict[str, Any] = {}
+    if server is not None:
+        server_report["retransmits"] = server.stats().get("retrans_segs")
+    if job.workload == "messages":
+        server_report.update(samples=samples, bytes=len(samples) * job.size)
+    elif job.workload == "echo":
+        client_report["rtts"] = rtts
+    else:
+        server_report.update(start=0, end=end_ns, bytes=max(0, got - BULK.size))
+    error = None if finished() else f"did not finish within {job.timeout:g}s of virtual time"
+    return JobResult(server_report, client_report, wire, "virtual time (in process)", error)
+
+
+def _virtual_kcp(profile: Profile, seed: int, job: Job, progress: Progress | None) -> JobResult:
     """KCP in virtual time over a VirtualLink: KCP's own test.cpp loop, milliseconds exact."""
     from kcp import KCP
 
     from netem.virtual import VirtualLink
-    from netem.workloads import BULK, KCP_CONV, MESSAGE, bulk_payload
+    from netem.workloads import BULK, KCP_CONV, MESSAGE, Echoes, bulk_payload
 
     link = VirtualLink(profile, seed)
     now_ms = 0
@@ -302,7 +443,8 @@ def _virtual_run(profile: Profile, seed: int, job: Job, progress: Progress | Non
             ends[side].flush()
 
     samples: list[tuple[int, int]] = []
-    rtts: list[tuple[int, int]] = []
+    echoes = Echoes(job.size)
+    rtts = echoes.rtts
     payload = BULK.pack(0, job.size) + bulk_payload(job.size) if job.workload == "bulk" else b""
     sent_bytes = got_bytes = 0
     end_ns = 0
@@ -320,8 +462,11 @@ def _virtual_run(profile: Profile, seed: int, job: Job, progress: Progress | Non
                 send(0, payload[sent_bytes : sent_bytes + 65536])
                 sent_bytes += len(payload[sent_bytes : sent_bytes + 65536])
         elif seq < job.count and now_ms >= round(seq * job.interval * 1000):
-            data = MESSAGE.pack(seq, now_ms * 1_000_000) + bytes(max(0, job.size - MESSAGE.size))
-            send(0, data)
+            if job.workload == "echo":
+                send(0, echoes.make(seq, now_ms * 1_000_000))
+            else:
+                now_ns = now_ms * 1_000_000
+                send(0, MESSAGE.pack(seq, now_ns) + bytes(max(0, job.size - MESSAGE.size)))
             seq += 1
         for m in ends[1].get_all_received():
             if job.workload == "messages":
@@ -332,7 +477,7 @@ def _virtual_run(profile: Profile, seed: int, job: Job, progress: Progress | Non
                 got_bytes += len(m)
                 end_ns = now_ms * 1_000_000
         for m in ends[0].get_all_received():
-            rtts.append((MESSAGE.unpack_from(m)[1], now_ms * 1_000_000))
+            echoes.returned(bytes(m), now_ms * 1_000_000)
         for kcp in ends:
             kcp.update(now_ms)
         finished = (
@@ -367,8 +512,6 @@ def _virtual_run(profile: Profile, seed: int, job: Job, progress: Progress | Non
 def _virtual_carries(protocol: str) -> str | None:
     if protocol == "tcp":
         return "TCP lives in the kernel: it cannot run in virtual time"
-    if protocol == "rudp":
-        return "rudp's sans-I/O connection is not wired into the virtual backend yet"
     return None
 
 

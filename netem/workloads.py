@@ -46,13 +46,15 @@ from typing import Any
 
 from rudp import units
 
-__all__ = ["KCP_CONV", "PROTOCOLS", "WORKLOADS", "main"]
+__all__ = ["ECHO", "KCP_CONV", "MESSAGE", "PROTOCOLS", "WORKLOADS", "Echoes", "main"]
 
 PROTOCOLS = ("tcp", "kcp", "rudp")
 WORKLOADS = ("messages", "echo", "bulk")
 KCP_CONV = 0x52554450
 #: Messages carry their sequence number and send time.
 MESSAGE = struct.Struct("!IQ")
+#: Echo messages carry their sequence number only.
+ECHO = struct.Struct("!I")
 #: A bulk transfer starts with its send time and length.
 BULK = struct.Struct("!QQ")
 _KCP_PUSH = 81
@@ -65,6 +67,28 @@ def _now() -> int:
 
 def message(seq: int, size: int) -> bytes:
     return MESSAGE.pack(seq, _now()) + bytes(max(0, size - MESSAGE.size))
+
+
+class Echoes:
+    """Client side of the echo workload: numbered messages, round trips on its own clock.
+
+    An echo message only carries its sequence number (4 bytes), so it can be
+    as small as KCP's test's 8 bytes; the send times stay with the client.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent: dict[int, int] = {}
+        self.rtts: list[tuple[int, int]] = []  # (send ns, echo received ns)
+
+    def make(self, seq: int, now: int | None = None) -> bytes:
+        self.sent[seq] = _now() if now is None else now
+        return ECHO.pack(seq) + bytes(max(0, self.size - ECHO.size))
+
+    def returned(self, data: bytes, now: int | None = None) -> None:
+        (seq,) = ECHO.unpack_from(data)
+        if seq in self.sent:
+            self.rtts.append((self.sent.pop(seq), _now() if now is None else now))
 
 
 def bulk_payload(size: int) -> bytes:
@@ -180,18 +204,17 @@ def tcp_client(args: argparse.Namespace) -> dict[str, Any]:
         sock.sendall(BULK.pack(started, len(payload)))
         sock.sendall(payload)
     else:
-        rtts: list[tuple[int, int]] = []
+        echoes = Echoes(args.size)
         base = time.monotonic()
         for seq in range(args.count):
             _sleep_until(base + seq * args.interval)
-            data = message(seq, args.size)
-            sock.sendall(data)
             if args.workload == "echo":
-                echoed = _read_exactly(sock, args.size)
-                _, sent = MESSAGE.unpack_from(echoed)
-                rtts.append((sent, _now()))
-        if rtts:
-            out["rtts"] = rtts
+                sock.sendall(echoes.make(seq))
+                echoes.returned(_read_exactly(sock, args.size))
+            else:
+                sock.sendall(message(seq, args.size))
+        if args.workload == "echo":
+            out["rtts"] = echoes.rtts
     _wait_acked(sock, args.timeout)
     out.update(_tcp_info(sock))
     sock.close()
@@ -372,23 +395,23 @@ def kcp_client(args: argparse.Namespace) -> dict[str, Any]:
                 sent += len(piece)
             peer.pump(_TICK)
     else:
-        rtts: list[tuple[int, int]] = []
+        echoes = Echoes(args.size)
+        echo = args.workload == "echo"
         base = time.monotonic()
         seq = 0
-        while (seq < args.count or (args.workload == "echo" and len(rtts) < args.count)) and (
+        while (seq < args.count or (echo and len(echoes.rtts) < args.count)) and (
             time.monotonic() < deadline
         ):
             due = base + seq * args.interval
             if seq < args.count and time.monotonic() >= due:
-                peer.send(message(seq, args.size))
+                peer.send(echoes.make(seq) if echo else message(seq, args.size))
                 seq += 1
                 continue
             wait = min(_TICK, due - time.monotonic()) if seq < args.count else _TICK
             for m in peer.pump(wait):
-                _, sent_ns = MESSAGE.unpack_from(m)
-                rtts.append((sent_ns, _now()))
-        if rtts:
-            out["rtts"] = rtts
+                echoes.returned(m)
+        if echo:
+            out["rtts"] = echoes.rtts
     _kcp_drain(peer, deadline)
     out.update(peer.stats())
     return out
@@ -487,25 +510,25 @@ def rudp_client(args: argparse.Namespace) -> dict[str, Any]:
                 writer.write(payload[i : i + _CHUNK])
                 await writer.drain()
         else:
-            rtts: list[tuple[int, int]] = []
+            echoes = Echoes(args.size)
+            echo = args.workload == "echo"
 
             async def read_echoes() -> None:
                 for _ in range(args.count):
-                    _, sent = MESSAGE.unpack_from(await reader.readexactly(args.size))
-                    rtts.append((sent, _now()))
+                    echoes.returned(await reader.readexactly(args.size))
 
-            echoes = asyncio.ensure_future(read_echoes()) if args.workload == "echo" else None
+            reading = asyncio.ensure_future(read_echoes()) if echo else None
             loop = asyncio.get_running_loop()
             base = loop.time()
             for seq in range(args.count):
                 wait = base + seq * args.interval - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                writer.write(message(seq, args.size))
+                writer.write(echoes.make(seq) if echo else message(seq, args.size))
                 await writer.drain()
-            if echoes is not None:
-                await echoes
-                out["rtts"] = rtts
+            if reading is not None:
+                await reading
+                out["rtts"] = echoes.rtts
         await writer.drain()
         out.update(_rudp_stats(writer))
         writer.close()

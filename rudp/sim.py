@@ -27,7 +27,7 @@ from typing import Any
 
 from netem.harness import BACKENDS, Job, JobResult, load_plugins
 from netem.profile import Profile, load_profile
-from netem.workloads import MESSAGE
+from netem.workloads import ECHO, MESSAGE
 from rudp import units
 
 __all__ = ["add_arguments", "run", "summarize"]
@@ -257,9 +257,10 @@ def _job(args: argparse.Namespace, protocol: str, config_toml: str | None) -> Jo
     size = units.parse_size(args.size or DEFAULT_SIZE[args.workload], "size")
     interval = units.parse_duration(args.interval, "interval")
     duration = units.parse_duration(args.duration, "duration")
-    if args.workload != "bulk" and not MESSAGE.size <= size <= 65536:
+    smallest = {"messages": MESSAGE.size, "echo": ECHO.size}.get(args.workload)
+    if smallest is not None and not smallest <= size <= 65536:
         raise ValueError(
-            f"size: messages carry a {MESSAGE.size}-byte header; use {MESSAGE.size}..65536, got {size}"
+            f"size: {args.workload} carry a {smallest}-byte header; use {smallest}..65536, got {size}"
         )
     if args.workload == "bulk" and not 1 <= size <= 1 << 34:
         raise ValueError(f"size: bulk transfers of 1 B..16 GiB, got {size}")

@@ -115,18 +115,39 @@ def test_workload_command_lines_carry_the_job():
     assert "--tcp-congestion" not in argv
 
 
-def test_virtual_backend_runs_kcp_deterministically(capsys):
-    argv = ["--backend", "virtual", "--protocols", "kcp,tcp", "--duration", "3s"]
+def test_virtual_backend_runs_rudp_and_kcp_deterministically(capsys):
+    argv = ["--backend", "virtual", "--protocols", "rudp,kcp,tcp", "--duration", "3s"]
     first = run_json(argv, capsys)
     second = run_json(argv, capsys)
-    kcp = first["results"]["kcp"]
-    assert kcp["delivered"] == "150/150"
-    assert kcp["latency_ms"]["p50"] >= 25.0  # the profile's one-way delay
-    assert kcp["latency_ms"]["max"] > 60  # 10% loss: some messages waited for a retransmission
-    assert kcp["retransmissions"] > 0
-    assert 1 < kcp["overhead"] < 20
+    for protocol in ("rudp", "kcp"):
+        r = first["results"][protocol]
+        assert r["delivered"] == "150/150"
+        assert r["latency_ms"]["p50"] >= 25.0  # the profile's one-way delay
+        assert r["latency_ms"]["max"] > 60  # 10% loss: some messages waited for a retransmission
+        assert r["retransmissions"] > 0
+        assert 1 < r["overhead"] < 20
     assert "TCP lives in the kernel" in first["skipped"]["tcp"]
     assert first["results"] == second["results"]  # virtual time: exactly replayable
+
+
+def test_virtual_echo_uses_kcps_8_byte_messages(capsys):
+    report = run_json(
+        [
+            "--backend",
+            "virtual",
+            "--protocols",
+            "rudp,kcp",
+            "--workload",
+            "echo",
+            "--duration",
+            "2s",
+        ],
+        capsys,
+    )
+    for r in report["results"].values():
+        assert r["delivered"] == "100/100"
+        assert r["latency_ms"]["p50"] >= 50.0  # a round trip of 25 ms each way
+    assert report["job"]["size"] == 8
 
 
 def test_virtual_kcp_sim_reproduces_kcps_own_simulator():
@@ -151,6 +172,27 @@ def test_relay_backend_compares_udp_protocols_and_explains_tcp(capsys):
     assert kcp["latency_ms"]["p50"] >= 25.0
     assert "retransmissions" in kcp
     assert re.search("only UDP", report["skipped"]["tcp"])
+
+
+def test_relay_echo_round_trips(capsys):
+    report = run_json(
+        [
+            "--backend",
+            "relay",
+            "--protocols",
+            "kcp",
+            "--workload",
+            "echo",
+            "--duration",
+            "1s",
+            "--profile",
+            "lan",
+        ],
+        capsys,
+    )
+    kcp = report["results"]["kcp"]
+    assert kcp["delivered"] == "50/50"
+    assert kcp["latency_ms"]["p50"] >= 1.0  # 0.5 ms each way
 
 
 def test_relay_bulk_arrives_intact(capsys):
