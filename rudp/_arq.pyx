@@ -53,6 +53,7 @@ cdef int PACE_UNIT = spec.PACE_UNIT
 cdef int PACE_GAIN_NUM = spec.PACE_GAIN_NUM
 cdef int PACE_GAIN_DEN = spec.PACE_GAIN_DEN
 cdef int PACE_BURST = spec.PACE_BURST
+cdef int PACE_MIN_RTT = spec.PACE_MIN_RTT
 cdef int ERR_SHORT = spec.ERR_SHORT
 cdef int ERR_CONV = spec.ERR_CONV
 cdef int ERR_TRUNCATED = spec.ERR_TRUNCATED
@@ -893,7 +894,7 @@ cdef class Arq:
 
     cdef int64_t pace_rate(self, int limit) noexcept:
         cdef int64_t rtt = self._srtt if self.has_rtt else self._rto
-        if rtt == 0:
+        if rtt < PACE_MIN_RTT:
             return 0
         return imax(1, imax(1, limit) * PACE_UNIT * PACE_GAIN_NUM // (PACE_GAIN_DEN * rtt))
 

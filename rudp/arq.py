@@ -89,9 +89,12 @@ ASK_TELL = 2  # send WINS
 # Pacing works in fixed point: one segment costs PACE_UNIT credit; credit is
 # earned at PACE_GAIN x window / srtt segments per ms and capped at the larger
 # of PACE_BURST segments and two milliseconds' worth.
+# Paths under PACE_MIN_RTT ms are not paced: with 1 ms clock resolution srtt
+# cannot tell them apart (loopback measures 0-2 ms) and they have no queue to spare.
 PACE_UNIT = 1024
 PACE_GAIN_NUM, PACE_GAIN_DEN = 5, 4
 PACE_BURST = 4
+PACE_MIN_RTT = 3
 
 #: ``input()`` return codes for a rejected datagram (nothing in it was applied).
 ERR_SHORT = -1  # empty, or shorter than one segment header
@@ -752,9 +755,9 @@ class Arq:
         return bool(self._sndq) if self._stream else bool(self._msg_lens)
 
     def _pace_rate(self, limit: int) -> int:
-        """Pacing credit earned per ms, or 0 when the path is too short to pace (srtt 0)."""
+        """Pacing credit earned per ms, or 0 when the path is too short to pace."""
         rtt = self._srtt if self._has_rtt else self._rto
-        if rtt == 0:
+        if rtt < PACE_MIN_RTT:
             return 0
         return max(1, max(1, limit) * PACE_UNIT * PACE_GAIN_NUM // (PACE_GAIN_DEN * rtt))
 

@@ -629,15 +629,30 @@ def test_no_congestion_control_sends_the_whole_window(arq_cls):
 # ---------------------------------------------------------------------- pacing
 
 
-def test_pacing_does_not_throttle_a_zero_rtt_path(arq_cls):
-    a = make(arq_cls, snd_wnd=128, congestion="none", pacing=True)
+@pytest.mark.parametrize("rtt", [0, 1, 2])
+def test_pacing_does_not_throttle_a_loopback_path(arq_cls, rtt):
+    """Loopback RTTs measure 0-2 ms (srtt is floored at 1 ms) while many round trips
+    fit in one millisecond: pacing must let the window run at the ACK clock."""
+    a = make(arq_cls, snd_wnd=32, congestion="none", pacing=True, nodelay=1)
     b = make(arq_cls, rcv_wnd=256)
-    a.send(b"x")
-    pump(a, b, 0)
-    assert a.srtt == 0
-    a.send(bytes(100 * a.mss))
-    a.flush(0)
-    assert len(a.datagrams()) == 100
+    for i in range(3):
+        a.send(b"x")
+        a.flush(i * 10)
+        a.datagrams()
+        a.input(raw(KCP_CMD_ACK, sn=i, ts=i * 10, una=i + 1, wnd=256), i * 10 + rtt)
+    b._start_sequence(0, 3)
+    assert 0 < a.srtt <= 2 or rtt == 0
+    a.send(bytes(500 * a.mss))
+    got = 0
+    for _ in range(100):  # round trips within the same millisecond
+        a.flush(100)
+        for d in a.datagrams():
+            b.input(d, 100)
+        b.flush(100)
+        for d in b.datagrams():
+            a.input(d, 100)
+        got += len(b.recv())
+    assert got == 500 * a.mss
 
 
 def test_pacing_spreads_a_large_window_over_the_rtt(arq_cls):
