@@ -4,10 +4,11 @@ No sockets and no loss: every round the sender flushes, its datagrams go
 straight into the receiver, the receiver's ACKs straight back, the receiver's
 application reads. The same loop drives rudp's pure-Python engine, its Cython
 engine and the reference C KCP (PyPI ``kcp``, ikcp.c behind Cython bindings),
-so the ratios compare engines, not harnesses. Each engine moves the data
-``--repeat`` times; the best run counts (the machine is shared).
+so the ratios compare engines, not harnesses. The engines take turns,
+``--repeat`` rounds of one run each, so they sample the same moments of a
+shared machine; each engine's best run counts.
 
-    python tools/bench_arq.py                 # 64 MiB (Python: 1/16 of it)
+    python tools/bench_arq.py                 # 128 MiB (Python: 1/16 of it)
     python tools/bench_arq.py --mb 256 --repeat 5 --message
 """
 
@@ -23,24 +24,22 @@ CHUNK = 64 * 1024  # application write size (C KCP: one message of <= 127 fragme
 SEND_BUFFER = 1 << 20  # the writer keeps at most this much pending
 
 
-def run_arq(cls: type, total: int, args: argparse.Namespace) -> tuple[float, int]:
-    """Seconds to move ``total`` bytes with an ``Arq`` class, and datagrams sent."""
+def run_arq(cls: type, total: int, args: argparse.Namespace) -> float:
+    """Seconds to move ``total`` bytes with an ``Arq`` class."""
     kw = dict(
         mtu=args.mtu, snd_wnd=args.window, rcv_wnd=args.window, nodelay=1, interval=10,
         resend=2, congestion="none", stream=not args.message,
     )  # fmt: skip
     a, b = cls(1, **kw), cls(1, **kw)
     chunk = bytes(range(256)) * (CHUNK // 256)
-    sent = received = datagrams = now = 0
+    sent = received = now = 0
     start = time.perf_counter()
     while received < total:
         while sent < total and a.pending_bytes < SEND_BUFFER:
             a.send(chunk)
             sent += CHUNK
         a.flush(now)
-        out = a.datagrams()
-        datagrams += len(out)
-        for d in out:
+        for d in a.datagrams():
             b.input(d, now)
         b.flush(now)
         for d in b.datagrams():
@@ -51,10 +50,10 @@ def run_arq(cls: type, total: int, args: argparse.Namespace) -> tuple[float, int
         else:
             received += len(b.recv())
         now += 1
-    return time.perf_counter() - start, datagrams
+    return time.perf_counter() - start
 
 
-def run_ckcp(total: int, args: argparse.Namespace) -> tuple[float, int]:
+def run_ckcp(total: int, args: argparse.Namespace) -> float:
     """The same transfer with the reference C KCP (always message mode)."""
     from kcp import KCP
 
@@ -70,7 +69,7 @@ def run_ckcp(total: int, args: argparse.Namespace) -> tuple[float, int]:
     a, b = make(qa), make(qb)
     mss = args.mtu - 24
     chunk = bytes(range(256)) * (CHUNK // 256)
-    sent = received = datagrams = now = 0
+    sent = received = now = 0
     a.update(0)
     b.update(0)
     start = time.perf_counter()
@@ -80,7 +79,6 @@ def run_ckcp(total: int, args: argparse.Namespace) -> tuple[float, int]:
             sent += CHUNK
         a.update(now)
         a.flush()
-        datagrams += len(qa)
         for d in qa:
             b.receive(d)
         qa.clear()
@@ -92,16 +90,12 @@ def run_ckcp(total: int, args: argparse.Namespace) -> tuple[float, int]:
         for m in b.get_all_received():
             received += len(m)
         now += 1
-    return time.perf_counter() - start, datagrams
-
-
-def best_of(repeat: int, fn: Callable[[], tuple[float, int]]) -> tuple[float, int]:
-    return min(fn() for _ in range(repeat))
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=int, default=64, help="MiB moved per run (default 64)")
+    parser.add_argument("--mb", type=int, default=128, help="MiB moved per run (default 128)")
     parser.add_argument("--python-share", type=int, default=16,
                         help="the Python engine moves 1/N of it (default 16)")  # fmt: skip
     parser.add_argument("--mtu", type=int, default=1400)
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total = args.mb << 20
     mss = args.mtu - 24
-    engines: dict[str, Callable[[], tuple[float, int]]] = {}
+    engines: dict[str, Callable[[], float]] = {}
     from rudp.arq import Arq as PyArq
 
     py_total = max(CHUNK, total // args.python_share // CHUNK * CHUNK)
@@ -136,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
           f"best of {args.repeat}")  # fmt: skip
     print(f"# load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs"
           f"{'  (measured under load)' if load[0] > 0.5 else ''}")  # fmt: skip
+    best = dict.fromkeys(engines, float("inf"))
+    for _ in range(args.repeat):
+        for name, fn in engines.items():
+            best[name] = min(best[name], fn())
     rates: dict[str, float] = {}
     print(f"{'engine':8s} {'MiB':>6s} {'seconds':>8s} {'MB/s':>9s} {'segments/s':>11s}")
-    for name, fn in engines.items():
+    for name, seconds in best.items():
         moved = py_total if name == "python" else total
-        seconds, _ = best_of(args.repeat, fn)
         rates[name] = moved / seconds
         print(f"{name:8s} {moved >> 20:6d} {seconds:8.3f} {moved / seconds / 1e6:9.1f} "
               f"{moved / mss / seconds:11,.0f}")  # fmt: skip
