@@ -7,8 +7,9 @@ semantics (the profile's ``tc netem`` options):
 
 - ``tc``: a veth pair with real ``tc qdisc ... netem`` on each end's egress
   (the exact :meth:`Profile.tc_commands`), where the kernel has ``sch_netem``.
-  GSO is limited to one segment per packet on the veths (``gso_max_segs 1``),
-  because netem treats a GSO super-packet as one packet.
+  Offloads are turned down on the veths (transmit checksum off, which also
+  stops UDP GSO and TSO; ``gso_max_segs 1``), because netem treats a GSO
+  super-packet as one packet.
 - ``tun``: TUN devices and the userspace forwarder (:mod:`netem.forwarder`)
   applying the same model the virtual link and the relay use.
 
@@ -40,6 +41,7 @@ __all__ = [
     "Capabilities",
     "NamespaceLink",
     "capabilities",
+    "prepare_veths_for_netem",
     "tc_setup_commands",
 ]
 
@@ -175,6 +177,22 @@ def tc_setup_commands(profile: Profile, client_ns: str, server_ns: str) -> list[
     return commands
 
 
+def prepare_veths_for_netem(client_ns: str, server_ns: str) -> None:
+    """Turn transmit checksum offload off on both veth ends (``ethtool -K DEV tx off``).
+
+    netem draws loss, delay and duplication once per packet it sees, and a UDP
+    GSO send (rudp uses them) is one packet of up to 64 datagrams. Without
+    checksum offload a GSO send fails with EIO, and senders fall back to one
+    datagram per packet; TSO goes with it, so TCP sends MTU-sized packets too.
+    (Linux 6.11 and later segment UDP GSO in software instead of failing, so
+    there a GSO sender's bursts still reach netem whole.)
+    """
+    from netem.vm_probe import disable_tx_checksum
+
+    disable_tx_checksum(client_ns, "veth-c")
+    disable_tx_checksum(server_ns, "veth-s")
+
+
 class NamespaceLink:
     """A client and a server namespace joined by ``profile``'s link.
 
@@ -212,9 +230,12 @@ class NamespaceLink:
                 _run(["ip", "netns", "add", ns])
             self._up = True
             if self.backend == "tc":
-                for cmd in tc_setup_commands(
-                    self.profile, self.namespaces["client"], self.namespaces["server"]
-                ):
+                client, server = self.namespaces["client"], self.namespaces["server"]
+                commands = tc_setup_commands(self.profile, client, server)
+                for cmd in commands[:-2]:
+                    _run(cmd)
+                prepare_veths_for_netem(client, server)
+                for cmd in commands[-2:]:
                     _run(cmd)
             else:
                 self._start_forwarder()

@@ -81,6 +81,43 @@ def test_tc_backend_commands_are_the_profiles_tc_lines():
     assert "ip -n ns-s link set dev veth-s gso_max_segs 1" in flat
 
 
+def test_veths_prepared_for_netem_refuse_udp_gso():
+    """The tc backend's veths: a UDP GSO send must fail so senders use one datagram per packet."""
+    if not (CAPS.netns and CAPS.veth):
+        pytest.skip(CAPS.describe())
+    import errno
+    import os
+
+    from netem.netns import prepare_veths_for_netem
+
+    tag = f"netem-{os.getpid()}-99"
+    client, server = f"{tag}-c", f"{tag}-s"
+    commands = tc_setup_commands(netem.load_profile("lan"), client, server)[:-2]
+    gso_send = (
+        "import socket,sys;s=socket.socket(2,2);s.setsockopt(17,103,100);"
+        f"s.connect(('{netem.netns.SERVER_ADDRESS}',9));"
+        "\ntry:\n s.send(bytes(1000))\nexcept OSError as e:\n sys.exit(e.errno)"
+    )
+    try:
+        for ns in (client, server):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        for cmd in commands:
+            subprocess.run(cmd, check=True, capture_output=True)
+        before = subprocess.run(["ip", "netns", "exec", client, sys.executable, "-c", gso_send])
+        prepare_veths_for_netem(client, server)
+        after = subprocess.run(["ip", "netns", "exec", client, sys.executable, "-c", gso_send])
+    finally:
+        for ns in (client, server):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert before.returncode == 0  # GSO works on a plain veth
+    if after.returncode == 0:
+        pytest.skip(
+            f"kernel {os.uname().release} segments UDP GSO in software without checksum "
+            "offload (Linux >= 6.11), so real netem here would see GSO bursts whole"
+        )
+    assert after.returncode == errno.EIO
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_and_constant_delay(backend):
     imp = netem.load_profile("lossy").forward
