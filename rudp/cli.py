@@ -78,8 +78,15 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_configuration_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``-c``/``--print-config`` and one flag per :class:`Configuration` field."""
+def add_configuration_arguments(
+    parser: argparse.ArgumentParser, rename: dict[str, str] | None = None
+) -> None:
+    """Add ``-c``/``--print-config`` and one flag per :class:`Configuration` field.
+
+    ``rename`` maps a field name to another flag name, for commands whose own
+    options would clash (``{"interval": "arq-interval"}``).
+    """
+    rename = rename or {}
     group = parser.add_argument_group("rudp configuration (defaults < -c FILE < flags)")
     group.add_argument("-c", "--config", metavar="FILE", help="TOML file of configuration fields")
     group.add_argument(
@@ -90,7 +97,7 @@ def add_configuration_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"(default: {default})"
         if isinstance(default, bool) or str(field.type).startswith("bool"):
             group.add_argument(
-                _option(field.name),
+                _option(rename.get(field.name, field.name)),
                 dest=f"cfg_{field.name}",
                 action=argparse.BooleanOptionalAction,
                 default=None,
@@ -98,7 +105,7 @@ def add_configuration_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             group.add_argument(
-                _option(field.name),
+                _option(rename.get(field.name, field.name)),
                 dest=f"cfg_{field.name}",
                 default=None,
                 metavar=field.name.upper(),
@@ -152,8 +159,14 @@ def format_configuration(config: Configuration) -> str:
     return "\n".join(lines)
 
 
-#: Subcommand name → module providing ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, str] = {"bench": "rudp.bench"}
+#: Subcommand name → ``module`` providing ``add_arguments(parser)`` and ``run(args) -> int``,
+#: or ``module:name`` providing ``name_arguments(parser)`` and ``name(args) -> int``.
+SUBCOMMANDS: dict[str, str] = {
+    "serve": "rudp.netcat:serve",
+    "connect": "rudp.netcat:connect",
+    "bench": "rudp.bench",
+    "sim": "rudp.sim",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,14 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more output (repeatable)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    for name, target in SUBCOMMANDS.items():
+        module_name, _, function = target.partition(":")
         module = importlib.import_module(module_name)
+        add_arguments = getattr(module, f"{function}_arguments" if function else "add_arguments")
+        run = getattr(module, function or "run")
         sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
         sub.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
     return parser
 
 
@@ -186,3 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

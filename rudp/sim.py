@@ -106,10 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object")
     out.add_argument("--plot", metavar="FILE.png", help="latency CDF and latency over time")
-    add_configuration_arguments(parser)
     # The workload's --interval (time between messages) takes the flag; the rudp
     # configuration's ARQ update interval moves to --arq-interval.
-    _rename_option(parser, "--interval", "--arq-interval")
+    add_configuration_arguments(parser, rename={"interval": "arq-interval"})
     parser.add_argument(
         "--interval", default="20ms", help="workload: time between messages (default 20ms)"
     )
@@ -118,13 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join("--" + n.replace("_", "-") for n in INLINE_OPTIONS)
         + " (tc syntax: --delay 40ms --jitter 10ms --loss 2%%)."
     )
-
-
-def _rename_option(parser: argparse.ArgumentParser, old: str, new: str) -> None:
-    # argparse has no public way to rename an option added elsewhere (rudp.cli).
-    action = parser._option_string_actions.pop(old)
-    action.option_strings = [new if o == old else o for o in action.option_strings]
-    parser._option_string_actions[new] = action
 
 
 def build_profile(args: argparse.Namespace) -> Profile:
