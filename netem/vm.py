@@ -651,13 +651,19 @@ class VM:
         """Power the guest off (kill it if it does not stop) and remove our own workdir."""
         proc = self._proc
         if proc is not None and proc.poll() is None and self._dead is None:
+            deadline = time.monotonic() + timeout
             try:
                 with self._lock:
-                    self._send({"id": self._take_id(), "exit": True})
+                    request_id = self._take_id()
+                    self._send({"id": request_id, "exit": True})
+                    # Wait for the goodbye before closing stdin: qemu may drop what is
+                    # still queued for the guest once it sees end of file.
+                    while self._receive(deadline, "power-off").get("id") != request_id:
+                        pass
                     assert proc.stdin is not None
                     proc.stdin.close()
-                proc.wait(timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except (OSError, VMError, subprocess.TimeoutExpired):
                 pass
         self._kill("closed")
         if self._own_workdir:
