@@ -530,6 +530,7 @@ class Session:
         self._credit = 0  # v2: sum over streams of (limit - consumed)
         self._refusals_queued = 0
         self._nop_queued = False
+        self._rx_blocked = False  # v1: our backpressure held the peer back since _last_recv
         self._last_send = now
         self._last_recv = now
         self._closed = False
@@ -632,8 +633,10 @@ class Session:
             view.release()
         if error is not None:
             self._terminate(error)
-        else:
-            del buf[:pos]
+            return
+        del buf[:pos]
+        if self.receive_capacity() == 0:
+            self._rx_blocked = True
 
     def has_output(self) -> bool:
         """Would :meth:`data_to_send` return anything (given room)?"""
@@ -717,10 +720,11 @@ class Session:
         if self._closed:
             return
         if self.idle_timeout is not None and now >= self._last_recv + self.idle_timeout:
-            if self.receive_capacity() == 0:
-                # We are the ones holding the peer's frames back (v1 backpressure):
-                # silence proves nothing, so do not time out (smux does the same).
+            if self._rx_blocked:
+                # We held the peer's frames back (v1 backpressure) for some of that
+                # time: silence proves nothing, so start over (smux does the same).
                 self._last_recv = now
+                self._rx_blocked = self.receive_capacity() == 0
             else:
                 self._terminate(DeadPeerError(f"no frame from the peer for {self.idle_timeout} ms"))
                 return
@@ -803,8 +807,14 @@ class Session:
         raise BlockingIOError(f"stream {sid}: no data yet")
 
     def end_stream(self, sid: int) -> None:
-        """Half-close: FIN after the buffered bytes; reading keeps working. Repeats are harmless."""
-        self._step(self._lookup(sid), StreamInput.END)
+        """Half-close: FIN after the buffered bytes; reading keeps working.
+
+        Repeats, and ids already closed, are harmless (like the two below).
+        """
+        self._check_open()
+        st = self._streams.get(sid)
+        if st is not None and not st.abandoned:
+            self._step(st, StreamInput.END)
 
     def reset_stream(self, sid: int) -> None:
         """Abort the stream: discard both directions' buffers and tell the peer.

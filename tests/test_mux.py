@@ -572,9 +572,14 @@ def test_half_close_either_order(first: str) -> None:
     two.end_stream(a_sid)
     p.pump()
     assert one.read(a_sid) == b""
-    assert p.a.stream_ids() == [] and p.b.stream_ids() == []
+    assert p.a.stream_ids() == [] and p.b.stream_ids() == []  # all released
     with pytest.raises(ClosedError):
         p.a.read(a_sid)
+    for s in (p.a, p.b):  # ending or closing again is harmless
+        s.end_stream(a_sid)
+        s.close_stream(a_sid)
+        s.reset_stream(a_sid)
+    assert not p.a.has_output() and not p.b.has_output()
 
 
 def test_reset_with_extensions_peer_sees_reset() -> None:
@@ -861,6 +866,21 @@ def test_slow_reader_v1_backpressure_is_not_a_dead_peer() -> None:
         off += p.a.send(sid, blob[off:])
         p.pump()
     assert total == len(blob)
+
+
+def test_v1_backpressure_lifted_just_before_the_deadline_is_not_silence() -> None:
+    p = Pipe(capacity=8192, version=1, stream_buffer=4096, session_buffer=4096)
+    sid = p.a.open_stream()
+    p.a.send(sid, b"k" * 4096)
+    p.pump()
+    p.a.send(sid, b"k" * 4096)
+    p.pump()
+    assert p.b.receive_capacity() == 0
+    p.b.read(sid)  # at t=29999 the reader catches up; no channel byte arrived since t=0
+    p.b.handle_timer(30000)  # the transport has not fed it yet: still no timeout
+    assert not p.b.closed
+    p.pump()
+    assert p.b.read(sid) == b"k" * 4096
 
 
 # ---------------------------------------------------------------------------
