@@ -2,8 +2,8 @@
 
 The extensions are marked optional so that ``pip install .`` still works on a
 machine without a C compiler (rudp then runs its pure-Python reference
-engines, and ``rudp.engine.ENGINE`` says so). The test suite fails when the
-compiled engine is missing unless ``RUDP_ALLOW_PURE_PYTHON=1`` is set, so CI
+engines, and ``rudp.engine.ENGINE`` says so). With ``RUDP_REQUIRE_EXTENSION=1``
+(CI sets it) the test suite fails when a compiled engine is missing, so CI
 cannot silently test only the Python version.
 """
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from rudp.config import _check_bool, _check_choice, _check_range
+from rudp.config import check_bool, check_choice, check_range
 from rudp.wire import (
     KCP_CMD_ACK,
     KCP_CMD_PUSH,
@@ -154,23 +154,23 @@ def resolve_params(
 
     Raises ``ValueError`` naming the argument and its allowed range.
     """
-    _check_range("conv", conv, 0, _MASK)
-    _check_range("mtu", mtu, 50, 65507)
-    _check_range("snd_wnd", snd_wnd, 1, 65535)
-    _check_range("rcv_wnd", rcv_wnd, 1, 65535)
-    _check_range("nodelay", nodelay, 0, 2)
-    _check_range("interval", interval, 1, 5000)
-    _check_range("resend", resend, 0, 255)
-    _check_choice("congestion", congestion, CONGESTION_CONTROLS)
-    _check_bool("pacing", pacing)
-    _check_bool("stream", stream)
+    check_range("conv", conv, 0, _MASK)
+    check_range("mtu", mtu, 50, 65507)
+    check_range("snd_wnd", snd_wnd, 1, 65535)
+    check_range("rcv_wnd", rcv_wnd, 1, 65535)
+    check_range("nodelay", nodelay, 0, 2)
+    check_range("interval", interval, 1, 5000)
+    check_range("resend", resend, 0, 255)
+    check_choice("congestion", congestion, CONGESTION_CONTROLS)
+    check_bool("pacing", pacing)
+    check_bool("stream", stream)
     if rto_min is None:
         rto_min = 30 if nodelay else 100
-    _check_range("rto_min", rto_min, 1, 60000)
-    _check_range("rto_max", rto_max, rto_min, 3_600_000)
-    _check_range("fast_limit", fast_limit, 1, 255)
-    _check_range("dead_link", dead_link, 1, 1000)
-    _check_range("max_message", max_message, 1, 1 << 30)
+    check_range("rto_min", rto_min, 1, 60000)
+    check_range("rto_max", rto_max, rto_min, 3_600_000)
+    check_range("fast_limit", fast_limit, 1, 255)
+    check_range("dead_link", dead_link, 1, 1000)
+    check_range("max_message", max_message, 1, 1 << 30)
     return rto_min
 
 

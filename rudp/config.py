@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["FRAMINGS", "MODES", "Configuration"]
+__all__ = ["FRAMINGS", "MODES", "Configuration", "check_bool", "check_choice", "check_range"]
 
 #: kcptun's modes: (nodelay, interval ms, resend, nc). nc=1 disables congestion control.
 MODES: dict[str, tuple[int, int, int, int]] = {
@@ -33,7 +33,7 @@ Mode = Literal["normal", "fast", "fast2", "fast3", "manual"]
 FecSetting = tuple[int, int] | Literal["auto", "off"]
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
+def check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
     ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
     if isinstance(value, bool) or not ok_type:
         raise ValueError(
@@ -43,12 +43,12 @@ def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) 
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
@@ -105,44 +105,44 @@ class Configuration:
     fast_open: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("framing", self.framing, FRAMINGS)
-        _check_range("conv", self.conv, 0, 2**32 - 1)
-        _check_range("mtu", self.mtu, 128, 65507)
-        _check_choice("mode", self.mode, (*MODES, "manual"))
+        check_choice("framing", self.framing, FRAMINGS)
+        check_range("conv", self.conv, 0, 2**32 - 1)
+        check_range("mtu", self.mtu, 128, 65507)
+        check_choice("mode", self.mode, (*MODES, "manual"))
         if self.nodelay is not None:
-            _check_range("nodelay", self.nodelay, 0, 2)
+            check_range("nodelay", self.nodelay, 0, 2)
         if self.interval is not None:
-            _check_range("interval", self.interval, 0.001, 5.0, float)
+            check_range("interval", self.interval, 0.001, 5.0, float)
         if self.resend is not None:
-            _check_range("resend", self.resend, 0, 255)
+            check_range("resend", self.resend, 0, 255)
         if self.congestion is not None:
-            _check_choice("congestion", self.congestion, CONGESTION)
-        _check_bool("pacing", self.pacing)
-        _check_range("sndwnd", self.sndwnd, 1, 65535)
-        _check_range("rcvwnd", self.rcvwnd, 1, 65535)
-        _check_bool("message_mode", self.message_mode)
-        _check_range("max_message_size", self.max_message_size, 1, 1 << 30)
+            check_choice("congestion", self.congestion, CONGESTION)
+        check_bool("pacing", self.pacing)
+        check_range("sndwnd", self.sndwnd, 1, 65535)
+        check_range("rcvwnd", self.rcvwnd, 1, 65535)
+        check_bool("message_mode", self.message_mode)
+        check_range("max_message_size", self.max_message_size, 1, 1 << 30)
         if self.rto_min is not None:
-            _check_range("rto_min", self.rto_min, 0.001, 60.0, float)
-        _check_range("rto_max", self.rto_max, self.rto_min_effective, 3600.0, float)
-        _check_range("fast_limit", self.fast_limit, 1, 255)
-        _check_range("dead_link", self.dead_link, 1, 1000)
+            check_range("rto_min", self.rto_min, 0.001, 60.0, float)
+        check_range("rto_max", self.rto_max, self.rto_min_effective, 3600.0, float)
+        check_range("fast_limit", self.fast_limit, 1, 255)
+        check_range("dead_link", self.dead_link, 1, 1000)
         self._check_fec()
         if self.mux is not None:
-            _check_bool("mux", self.mux)
-        _check_choice("smux_version", self.smux_version, (1, 2))
-        _check_range("max_frame_size", self.max_frame_size, 1, 65535)
-        _check_range("stream_buffer", self.stream_buffer, 1024, 1 << 30)
-        _check_range("session_buffer", self.session_buffer, self.stream_buffer, 1 << 31)
-        _check_range("max_streams", self.max_streams, 1, 1 << 20)
-        _check_range("stream_backlog", self.stream_backlog, 1, 65535)
-        _check_range("send_buffer", self.send_buffer, 1024, 1 << 31)
-        _check_range("backlog", self.backlog, 1, 65535)
-        _check_range("connect_timeout", self.connect_timeout, 0.01, 3600.0, float)
-        _check_range("idle_timeout", self.idle_timeout, 0.1, 86400.0, float)
-        _check_range("keepalive", self.keepalive, 0.01, self.idle_timeout, float)
-        _check_range("close_timeout", self.close_timeout, 0.0, 3600.0, float)
-        _check_bool("fast_open", self.fast_open)
+            check_bool("mux", self.mux)
+        check_choice("smux_version", self.smux_version, (1, 2))
+        check_range("max_frame_size", self.max_frame_size, 1, 65535)
+        check_range("stream_buffer", self.stream_buffer, 1024, 1 << 30)
+        check_range("session_buffer", self.session_buffer, self.stream_buffer, 1 << 31)
+        check_range("max_streams", self.max_streams, 1, 1 << 20)
+        check_range("stream_backlog", self.stream_backlog, 1, 65535)
+        check_range("send_buffer", self.send_buffer, 1024, 1 << 31)
+        check_range("backlog", self.backlog, 1, 65535)
+        check_range("connect_timeout", self.connect_timeout, 0.01, 3600.0, float)
+        check_range("idle_timeout", self.idle_timeout, 0.1, 86400.0, float)
+        check_range("keepalive", self.keepalive, 0.01, self.idle_timeout, float)
+        check_range("close_timeout", self.close_timeout, 0.0, 3600.0, float)
+        check_bool("fast_open", self.fast_open)
 
     def _check_fec(self) -> None:
         fec = self.fec
@@ -151,8 +151,8 @@ class Configuration:
         if not (isinstance(fec, tuple | list) and len(fec) == 2):
             raise ValueError(f"fec must be 'off', 'auto' or a (data, parity) pair, got {fec!r}")
         k, m = fec
-        _check_range("fec data shards", k, 1, 128)
-        _check_range("fec parity shards", m, 1, 128)
+        check_range("fec data shards", k, 1, 128)
+        check_range("fec parity shards", m, 1, 128)
         if k + m > 255:
             raise ValueError(f"fec data + parity shards must be at most 255, got {k} + {m}")
 
