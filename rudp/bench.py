@@ -66,6 +66,7 @@ class BenchParams:
     idle: int = 0
     idle_time: float = 10.0
     repeat: int = 1
+    loop: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1024 <= self.size <= 1 << 40:
@@ -94,6 +95,8 @@ class BenchParams:
             raise ValueError(f"idle time must be in [0.1s, 1h], got {self.idle_time}")
         if not 1 <= self.repeat <= 100:
             raise ValueError(f"repeat must be in [1, 100], got {self.repeat}")
+        if self.loop not in ("auto", "asyncio", "uvloop"):
+            raise ValueError(f"loop must be auto, asyncio or uvloop, got {self.loop!r}")
 
     @property
     def datagram_size(self) -> int:
@@ -131,6 +134,25 @@ def _rudp_api() -> tuple[Any, Any]:
     import rudp
 
     return rudp.open_connection, rudp.start_server  # type: ignore[attr-defined]
+
+
+def _loop_name(params: BenchParams) -> str:
+    """The event loop the rudp roles run on: uvloop when installed (``auto``), else asyncio's."""
+    if params.loop != "auto":
+        return params.loop
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _run_async(main: Callable[[], Any], params: BenchParams) -> Any:
+    if _loop_name(params) == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())
+    return asyncio.run(main())
 
 
 def _engine_name() -> str | None:
@@ -272,7 +294,7 @@ def _rudp_bulk_receiver(conn: Any, params: BenchParams) -> dict[str, Any]:
         result.update(cpu=_cpu() - cpu0, engine=_engine_name(), io=io)
         return result
 
-    return asyncio.run(main())
+    return _run_async(main, params)
 
 
 def _io_capabilities(sock: socket.socket) -> dict[str, Any] | None:
@@ -312,7 +334,7 @@ def _rudp_bulk_sender(conn: Any, params: BenchParams, addr: Any) -> dict[str, An
             "engine": _engine_name(),
         }
 
-    return asyncio.run(main())
+    return _run_async(main, params)
 
 
 def _udp_echo_server(conn: Any, params: BenchParams) -> dict[str, Any]:
@@ -366,7 +388,7 @@ def _rudp_echo_server(conn: Any, params: BenchParams) -> dict[str, Any]:
             server.close()
         return {}
 
-    return asyncio.run(main())
+    return _run_async(main, params)
 
 
 def _echo_client(conn: Any, params: BenchParams, addr: Any, transport: str) -> dict[str, Any]:
@@ -388,7 +410,7 @@ def _echo_client(conn: Any, params: BenchParams, addr: Any, transport: str) -> d
             writer.close()
             return {"rtt_ns": rtts, "lost": 0, "engine": _engine_name()}
 
-        return asyncio.run(main())
+        return _run_async(main, params)
     lost = 0
     if transport == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -448,7 +470,7 @@ def _idle_server(conn: Any, params: BenchParams) -> dict[str, Any]:
             "bytes_per_connection": (rss1 - rss0) / max(1, len(writers)),
         }
 
-    return asyncio.run(main())
+    return _run_async(main, params)
 
 
 def _idle_clients(conn: Any, params: BenchParams, addr: Any) -> dict[str, Any]:
@@ -464,7 +486,7 @@ def _idle_clients(conn: Any, params: BenchParams, addr: Any) -> dict[str, Any]:
             writer.close()
         return {"opened": len(pairs)}
 
-    return asyncio.run(main())
+    return _run_async(main, params)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -789,6 +811,7 @@ def run_bench(
     report["load_after"] = _load()
     engines = [r.get("engine") for s in ("bulk", "echo") for r in report.get(s, {}).values()]
     report["engine"] = next((e for e in engines if e), params.engine or _engine_name())
+    report["loop"] = _loop_name(params)
     rudp_io = report.get("bulk", {}).get("rudp", {}).get("io", {}).get("receiver")
     report["io"] = rudp_io or _probe_io()
     report["ratios"] = _ratios(report)
@@ -831,6 +854,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--streams", type=int, default=1, help="mux streams for rudp bulk")
     group.add_argument("--engine", choices=("python", "cython"), help="force the rudp engine")
     group.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop for the rudp side (default: uvloop when installed)",
+    )
+    group.add_argument(
         "--transports",
         type=_csv(TRANSPORTS),
         default=TRANSPORTS,
@@ -872,6 +901,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         samples=args.samples,
         streams=args.streams,
         engine=args.engine,
+        loop=args.loop,
         transports=args.transports,
         tests=args.tests,
         udp_variants=args.udp_variants,
@@ -970,7 +1000,7 @@ def _print_report(report: dict[str, Any], verbose: int = 0) -> None:
         console.print(f"target {target['name']}: {target['value']:.3g} {mark}")
     io = report["io"]
     console.print(
-        f"engine: {report['engine'] or 'n/a'}; I/O: "
+        f"engine: {report['engine'] or 'n/a'}; loop: {report.get('loop')}; I/O: "
         + ", ".join(k for k in ("mmsg", "gso", "gro") if io.get(k))
         + f"; load {report['load_before']['loadavg']} -> {report['load_after']['loadavg']}"
         f" on {report['load_before']['cpus']} CPUs"

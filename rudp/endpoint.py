@@ -128,7 +128,10 @@ class Endpoint:
             for packet, addr in self._listener.datagrams_to_send():
                 self._send([packet], addr)
         for conn in touched.values():
-            self._service(conn, now)
+            # Wake readers now, but send (ACKs) at the end of the next loop pass: a reply
+            # the woken task writes in that pass then leaves in the same datagram.
+            self._on_event(conn)
+            self.touch(conn, immediate=False)
 
     def _unknown(self, data: bytes, addr: Address, now: float) -> Connection | None:
         if self._listener is None:
@@ -144,13 +147,17 @@ class Endpoint:
 
     # ------------------------------------------------------------------ output and timers
 
-    def touch(self, conn: Connection) -> None:
-        """The application did something on ``conn`` (write, read, close): flush soon.
+    def touch(self, conn: Connection, immediate: bool = True) -> None:
+        """Something happened on ``conn`` (a write, a read, input): send what is due.
 
-        Flushes are coalesced per loop iteration, so many small writes in one
-        iteration leave in as few datagrams as possible, without waiting for a tick.
+        The first touch of a loop pass sends at once (no tick, no added latency);
+        later ones in the same pass are coalesced into one flush at the end of the
+        next pass, so a burst of small writes leaves in few datagrams.
         """
-        self._dirty.add(self.key_of(conn))
+        if immediate and not self._flush_scheduled:
+            self._service(conn, self.loop.time())
+        else:
+            self._dirty.add(self.key_of(conn))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_dirty)
