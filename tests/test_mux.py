@@ -696,8 +696,7 @@ def test_close_with_channel_error_reports_it() -> None:
 
 @pytest.mark.parametrize("ext", [False, True])
 def test_max_streams_refuses_cleanly(ext: bool) -> None:
-    p = Pipe(extensions=ext)
-    p.b.max_streams = 2
+    p = Pipe(client(extensions=ext), server(extensions=ext, max_streams=2))
     sids = [p.a.open_stream() for _ in range(3)]
     for sid in sids:
         p.a.send(sid, b"hello")
@@ -716,8 +715,7 @@ def test_max_streams_refuses_cleanly(ext: bool) -> None:
 
 
 def test_backlog_limit_refuses_until_the_application_accepts() -> None:
-    p = Pipe()
-    p.b.stream_backlog = 2
+    p = Pipe(client(), server(stream_backlog=2))
     for _ in range(3):
         p.a.open_stream()
     p.pump()
