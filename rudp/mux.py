@@ -22,6 +22,11 @@ RST    rudp extension (cmd 0x80, only with ``extensions=True``, which the
        plus dropping local state, and the peer just sees EOF.
 =====  =====================================================================
 
+Half-close: FIN ends one direction only; the other keeps flowing. A smux
+peer older than ``CloseWrite`` (such as v1.5.16 in Debian's kcptun) only
+sends FIN from ``Close``: it has forgotten the stream and drops what we send
+after its FIN, and without UPDs our writer stalls once the window is used.
+
 Stream ids: the client opens odd ids 3, 5, 7, ... and the server even ids
 2, 4, 6, ... (as smux numbers them), so the two sides never collide. When
 the u32 space is used up, :meth:`Session.open_stream` refuses.
@@ -45,8 +50,19 @@ Receive-side bounds (why no stream can stall the others):
   ``session_buffer`` and :meth:`Session.receive_capacity` tells the
   transport how many more channel bytes it may hand in. At 0 the transport
   stops pulling from the ARQ, whose receive window then closes and
-  backpressures the peer. This is head-of-line blocking across streams; it
-  is the protocol's limit, and why v2 is the default.
+  backpressures the peer. Bound: ``session_buffer`` plus the rest of at most
+  one frame already begun (smux also checks between frames). This is
+  head-of-line blocking across streams; it is the protocol's limit, and why
+  v2 is the default. Time spent blocked this way never counts as the peer's
+  silence for ``idle_timeout``.
+
+Lifetime: a stream is forgotten once the application is done with it
+(``close_stream``, ``reset_stream``, a reset it was told about, or EOF read
+after our own FIN) *and* its last frame (FIN/RST) has been pulled; until
+then it keeps its slot under ``max_streams``, which is what bounds the
+control queue. Frames that arrive later for it are dropped and counted,
+as smux does for unknown streams; frames for ids that were never opened
+are a :class:`ProtocolError`.
 
 Send side: each stream buffers at most ``stream_buffer`` bytes
 (:meth:`Session.send` returns how much it took). The transport *pulls*
