@@ -97,8 +97,8 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
+from rudp.config import Configuration, check_bool, check_range
 from rudp.errors import (
     ClosedError,
     ConnectionRefused,
@@ -118,9 +118,6 @@ from rudp.wire import (
     SMUX_UPD,
     SMUX_UPD_BODY,
 )
-
-if TYPE_CHECKING:
-    from rudp.config import Configuration
 
 __all__ = [
     "INITIAL_PEER_WINDOW",
@@ -469,11 +466,6 @@ _CONTROL_SIZE = {
 }
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
 # ---------------------------------------------------------------------------
 # Session
 # ---------------------------------------------------------------------------
@@ -504,22 +496,19 @@ class Session:
         idle_timeout: int | None = 30000,
         extensions: bool = False,
     ) -> None:
-        if not isinstance(client, bool):
-            raise ValueError(f"client must be True or False, got {client!r}")
-        if not isinstance(extensions, bool):
-            raise ValueError(f"extensions must be True or False, got {extensions!r}")
-        if version not in (1, 2) or isinstance(version, bool):
-            raise ValueError(f"version must be 1 or 2, got {version!r}")
-        _check_int("now", now, -(1 << 62), 1 << 62)
-        _check_int("max_frame_size", max_frame_size, 1, 65535)
-        _check_int("stream_buffer", stream_buffer, 1024, 1 << 30)
-        _check_int("session_buffer", session_buffer, stream_buffer, 1 << 31)
-        _check_int("max_streams", max_streams, 1, 1 << 20)
-        _check_int("stream_backlog", stream_backlog, 1, 65535)
+        check_bool("client", client)
+        check_bool("extensions", extensions)
+        check_range("version", version, 1, 2)
+        check_range("now", now, -(1 << 62), 1 << 62)
+        check_range("max_frame_size", max_frame_size, 1, 65535)
+        check_range("stream_buffer", stream_buffer, 1024, 1 << 30)
+        check_range("session_buffer", session_buffer, stream_buffer, 1 << 31)
+        check_range("max_streams", max_streams, 1, 1 << 20)
+        check_range("stream_backlog", stream_backlog, 1, 65535)
         if keepalive is not None:
-            _check_int("keepalive", keepalive, 1, 1 << 31)
+            check_range("keepalive", keepalive, 1, 1 << 31)
         if idle_timeout is not None:
-            _check_int("idle_timeout", idle_timeout, keepalive or 1, 1 << 31)
+            check_range("idle_timeout", idle_timeout, keepalive or 1, 1 << 31)
 
         self.client = client
         self.version = version
