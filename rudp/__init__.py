@@ -1,6 +1,15 @@
 """rudp: reliable UDP for Python (KCP-compatible ARQ, Reed-Solomon FEC, stream multiplexing)."""
 
-from rudp.asyncio import Server, StreamReader, StreamWriter, open_connection, start_server
+from rudp.asyncio import (
+    Server,
+    Session,
+    StreamReader,
+    StreamWriter,
+    connect,
+    open_connection,
+    serve,
+    start_server,
+)
 from rudp.config import Configuration
 from rudp.connection import Connection
 from rudp.errors import (
@@ -24,9 +33,12 @@ __all__ = [
     "ProtocolError",
     "RudpError",
     "Server",
+    "Session",
     "StreamReader",
     "StreamWriter",
     "__version__",
+    "connect",
     "open_connection",
+    "serve",
     "start_server",
 ]

@@ -39,6 +39,7 @@ from rudp.events import (
     DataReadable,
     EndOfData,
     Event,
+    PongReceived,
     Terminated,
 )
 from rudp.fec import FecController, FecDecoder, FecEncoder
@@ -383,7 +384,9 @@ class Connection:
             return
         self._heard_from(addr, now)
         self._needs_flush = True
-        if self.engine.readable > before:
+        if self._full_close:
+            self._discard_input()
+        elif self.engine.readable > before:
             self._signal_readable()
         if self.engine.dead:
             self._abort(DeadPeerError("a segment went unacknowledged dead_link times"))
@@ -466,8 +469,12 @@ class Connection:
             self._send_control(
                 wire.encode_header(wire.PKT_PONG, self.cid) + bytes(body[: wire.PING_BODY.size])
             )
-        elif ptype == wire.PKT_PONG:
-            self._ping_token = None
+        elif ptype == wire.PKT_PONG and len(body) >= wire.PING_BODY.size:
+            (token,) = wire.PING_BODY.unpack_from(body)
+            if token == self._ping_token:
+                self._ping_token = None  # a keepalive answered
+            else:
+                self._events.append(PongReceived(token))
         elif ptype == wire.PKT_CLOSE:
             wire.decode_reason(body)
             self._send_control(wire.encode_header(wire.PKT_CLOSE_ACK, self.cid))
@@ -553,6 +560,17 @@ class Connection:
     def at_eof(self) -> bool:
         """The peer closed its side and everything it sent has been read."""
         return self._peer_closed and self.readable == 0
+
+    def ping(self) -> int:
+        """Ask the peer for an immediate answer (rudp framing); a :class:`PongReceived`
+        with the returned token follows. The caller times the round trip."""
+        if not self._rudp:
+            raise NotImplementedError(f"the {self._framing} framing has no ping")
+        if self.state is not ConnectionState.ESTABLISHED:
+            raise ClosedError("the connection is not established")
+        token = self._rng.getrandbits(32)
+        self._send_control(wire.encode_header(wire.PKT_PING, self.cid) + wire.PING_BODY.pack(token))
+        return token
 
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after everything sent so far; reading goes on."""
@@ -696,14 +714,34 @@ class Connection:
             if self._full_close and (self.engine is None or not self.engine.pending_bytes):
                 self._terminate(None)
             return
-        ours_done = self._close_sent and self._close_acked
-        if ours_done and (self._peer_closed or self._full_close):
+        if not (self._close_sent and self._close_acked):
+            return
+        self._close_deadline = None
+        if self._peer_closed:
             self.state = ConnectionState.TIME_WAIT
-            self._close_deadline = None
             self._ping_next = None
-            self._linger_until = (
-                now + LINGER_RTOS * max(self._rto(), 0.05) if self._peer_closed else now
-            )
+            self._linger_until = now + LINGER_RTOS * max(self._rto(), 0.05)
+        elif self._full_close and self._linger_until is None:
+            # Like TCP's FIN-WAIT-2: the application is done, but stay to acknowledge
+            # (and discard) what the peer still sends, and its CLOSE, for a while.
+            self._linger_until = now + self.configuration.close_timeout
+
+    @property
+    def close_done(self) -> bool:
+        """close() was called and everything we sent, and our CLOSE, was acknowledged."""
+        return self.state is ConnectionState.TERMINATED or (
+            self._full_close and (not self._rudp or (self._close_sent and self._close_acked))
+        )
+
+    def _discard_input(self) -> None:
+        """After close() nobody reads: drop what arrives so the peer is never stalled."""
+        engine = self.engine
+        if engine.stream:
+            while engine.recv():
+                pass
+        else:
+            while engine.recv_message() is not None:
+                pass
 
     def _signal_readable(self) -> None:
         if not (self._events and isinstance(self._events[-1], DataReadable)):

@@ -17,26 +17,39 @@ import heapq
 import itertools
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from rudp import udp, wire
 from rudp.config import Configuration
-from rudp.connection import Connection
+from rudp.connection import Connection, ConnectionState
 from rudp.events import Address
 from rudp.listener import Listener
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "Handler"]
 
 #: Datagrams read per batch before other loop work gets a turn.
 RECV_BATCH = 256
 
 
-class Endpoint:
-    """A UDP socket plus the connections it carries.
+class Handler(Protocol):
+    """What the layer above attaches to each connection (the asyncio driver)."""
 
-    ``on_event(conn)`` is called after a connection has consumed input or a
-    timer, so the layer above can drain its events; ``on_accept(conn)`` (servers)
-    when the listener created a connection.
+    def on_event(self) -> None:
+        """Drain the connection's events (called after input, timers and flushes)."""
+
+    def get_timer(self, now: float) -> float | None:
+        """The next deadline of the connection and of whatever sits on it."""
+
+    def handle_timer(self, now: float) -> None:
+        """Run what is due."""
+
+
+class Endpoint:
+    """A UDP socket plus the connections it carries, each with its :class:`Handler`.
+
+    Servers pass a :class:`~rudp.listener.Listener` and ``on_accept(conn)``,
+    which returns the new connection's handler; ``can_accept()`` False makes the
+    listener refuse (the accept backlog is full).
     """
 
     def __init__(
@@ -44,21 +57,22 @@ class Endpoint:
         sock: socket.socket,
         configuration: Configuration,
         *,
-        on_event: Callable[[Connection], None],
+        connected: bool = False,
         listener: Listener | None = None,
-        on_accept: Callable[[Connection], bool] | None = None,
+        on_accept: Callable[[Connection], Handler] | None = None,
         can_accept: Callable[[], bool] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.configuration = configuration
         self.capabilities = udp.configure(sock)
+        self.connected = connected  # connect()ed to its one peer (clients): send without an address
+        self.listener = listener
         self._rudp = configuration.framing == "rudp"
-        self._on_event = on_event
-        self._listener = listener
         self._on_accept = on_accept
         self._can_accept = can_accept or (lambda: True)
         self.connections: dict[Any, Connection] = {}
+        self.handlers: dict[Any, Handler] = {}
         # timer heap: (deadline, seq, key); a connection's live entry is in _armed[key]
         self._heap: list[tuple[float, int, Any]] = []
         self._armed: dict[Any, float] = {}
@@ -70,9 +84,7 @@ class Endpoint:
         self._backlog: dict[Address, list[bytes]] = {}  # output waiting for the socket to drain
         self._writer_armed = False
         self.closed = False
-        self.counters = dict.fromkeys(
-            ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "unknown"), 0
-        )
+        self.counters = dict.fromkeys(("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "unknown"), 0)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ keys
@@ -80,8 +92,10 @@ class Endpoint:
     def key_of(self, conn: Connection) -> Any:
         return conn.cid if self._rudp else conn.peer_address
 
-    def add(self, conn: Connection) -> None:
-        self.connections[self.key_of(conn)] = conn
+    def add(self, conn: Connection, handler: Handler) -> None:
+        key = self.key_of(conn)
+        self.connections[key] = conn
+        self.handlers[key] = handler
         self.touch(conn)
 
     # ------------------------------------------------------------------ input
@@ -93,7 +107,7 @@ class Endpoint:
             now = self.loop.time()
             for conn in list(self.connections.values()):
                 conn.receive_unreachable(now)
-                self._service(conn, now)
+                self.flush_now(conn, now)
             return
         except OSError:
             return
@@ -124,25 +138,27 @@ class Endpoint:
             else:
                 conn.receive_datagram(data, addr, now)
             touched[key] = conn
-        if self._listener is not None:
-            for packet, addr in self._listener.datagrams_to_send():
+        if self.listener is not None:
+            for packet, addr in self.listener.datagrams_to_send():
                 self._send([packet], addr)
-        for conn in touched.values():
+        for key, conn in touched.items():
             # Wake readers now, but send (ACKs) at the end of the next loop pass: a reply
             # the woken task writes in that pass then leaves in the same datagram.
-            self._on_event(conn)
+            handler = self.handlers.get(key)
+            if handler is not None:
+                handler.on_event()
             self.touch(conn, immediate=False)
 
     def _unknown(self, data: bytes, addr: Address, now: float) -> Connection | None:
-        if self._listener is None:
+        if self.listener is None or self._on_accept is None:
             self.counters["unknown"] += 1
             return None
-        conn = self._listener.receive_datagram(data, addr, now, accepting=self._can_accept())
+        conn = self.listener.receive_datagram(data, addr, now, accepting=self._can_accept())
         if conn is None:
             return None
-        self.connections[self.key_of(conn)] = conn
-        if self._on_accept is not None and not self._on_accept(conn):
-            conn.reset("not accepted", now)
+        key = self.key_of(conn)
+        self.connections[key] = conn
+        self.handlers[key] = self._on_accept(conn)
         return conn
 
     # ------------------------------------------------------------------ output and timers
@@ -155,7 +171,7 @@ class Endpoint:
         next pass, so a burst of small writes leaves in few datagrams.
         """
         if immediate and not self._flush_scheduled:
-            self._service(conn, self.loop.time())
+            self.flush_now(conn)
         else:
             self._dirty.add(self.key_of(conn))
         if not self._flush_scheduled:
@@ -169,20 +185,27 @@ class Endpoint:
         for key in dirty:
             conn = self.connections.get(key)
             if conn is not None:
-                self._service(conn, now)
+                self.flush_now(conn, now)
 
-    def _service(self, conn: Connection, now: float) -> None:
-        """Drain a connection's events and datagrams and re-arm its timer."""
-        self._on_event(conn)
-        out = conn.datagrams_to_send(now)
-        if out and conn.peer_address is not None:
-            self._send(out, conn.peer_address)
-        self._on_event(conn)
+    def flush_now(self, conn: Connection, now: float | None = None) -> None:
+        """Drain a connection's events and datagrams, and re-arm its timer."""
+        if now is None:
+            now = self.loop.time()
         key = self.key_of(conn)
-        deadline = conn.get_timer(now)
+        handler = self.handlers.get(key)
+        for _ in range(4):  # the handler may queue more (mux frames once ACKs freed room)
+            if handler is not None:
+                handler.on_event()
+            out = conn.datagrams_to_send(now)
+            if not out:
+                break
+            if conn.peer_address is not None:
+                self._send(out, conn.peer_address)
+        deadline = handler.get_timer(now) if handler is not None else conn.get_timer(now)
         if deadline is None:
-            if conn.state.value == "terminated":
+            if conn.state is ConnectionState.TERMINATED:
                 self.connections.pop(key, None)
+                self.handlers.pop(key, None)
                 self._armed.pop(key, None)
             return
         armed = self._armed.get(key)
@@ -216,8 +239,12 @@ class Endpoint:
             if conn is not None:
                 due.append(conn)
         for conn in due:
-            conn.handle_timer(now)
-            self._service(conn, now)
+            handler = self.handlers.get(self.key_of(conn))
+            if handler is not None:
+                handler.handle_timer(now)
+            else:
+                conn.handle_timer(now)
+            self.flush_now(conn, now)
         self._arm_loop_timer()
 
     def _send(self, datagrams: list[bytes], addr: Address) -> None:
@@ -234,7 +261,7 @@ class Endpoint:
 
     def _send_now(self, datagrams: list[bytes], addr: Address) -> int:
         try:
-            sent = udp.send_batch(self.sock, datagrams, None if self.sock_connected else addr)
+            sent = udp.send_batch(self.sock, datagrams, None if self.connected else addr)
         except (ConnectionRefusedError, OSError):
             sent = len(datagrams)  # unreachable or a transient error: the ARQ repeats what matters
         self.counters["datagrams_out"] += sent
@@ -256,16 +283,6 @@ class Endpoint:
             del self._backlog[addr]
         self._writer_armed = False
         self.loop.remove_writer(self.sock.fileno())
-
-    @property
-    def sock_connected(self) -> bool:
-        return self._connected
-
-    _connected = False
-
-    def set_connected(self, connected: bool) -> None:
-        """The socket is connect()ed to its one peer (clients): send without an address."""
-        self._connected = connected
 
     def close(self) -> None:
         if self.closed:

@@ -19,6 +19,7 @@ __all__ = [
     "DataReadable",
     "EndOfData",
     "Event",
+    "PongReceived",
     "Terminated",
 ]
 
@@ -51,6 +52,13 @@ class AddressChanged(Event):
 
     old: Address
     new: Address
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived(Event):
+    """The peer answered the ping with this token (see ``Connection.ping``)."""
+
+    token: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,6 +114,9 @@ from rudp.wire import (
     SMUX_NOP,
     SMUX_OVERHEAD,
     SMUX_PSH,
+    SMUX_RST,
+    SMUX_RST_REFUSED,
+    SMUX_RST_RESET,
     SMUX_SYN,
     SMUX_UPD,
     SMUX_UPD_BODY,
@@ -145,9 +148,9 @@ INITIAL_PEER_WINDOW = 262144
 #: The smallest window a v2 stream is granted however full the session pool is.
 MIN_WINDOW = 16384
 #: rudp extension command: reset a stream. Body: ``code u32``.
-MUX_RST = 0x80
-RST_RESET = 0
-RST_REFUSED = 1
+MUX_RST = SMUX_RST
+RST_RESET = SMUX_RST_RESET
+RST_REFUSED = SMUX_RST_REFUSED
 _RST_BODY_SIZE = 4
 
 _U32 = 0xFFFFFFFF

@@ -123,12 +123,19 @@ def decode_kcpgo(datagram: bytes) -> bytes:
 #   ver  1 or 2;  cmd  0 SYN, 1 FIN, 2 PSH, 3 NOP, 4 UPD (v2 only)
 #   SYN, FIN, NOP carry no data; UPD carries  consumed u32 | window u32.
 #   Client stream ids are odd, server stream ids even.
+#
+#   rudp extension (only when both ends are rudp: the handshake's mux-extensions flag):
+#   cmd 0x80 RST, body  code u32  (0 reset, 1 refused). smux itself has no reset.
 # ---------------------------------------------------------------------------
 
 SMUX_HEADER = struct.Struct("<BBHI")
 SMUX_OVERHEAD = SMUX_HEADER.size  # 8
 SMUX_SYN, SMUX_FIN, SMUX_PSH, SMUX_NOP, SMUX_UPD = range(5)
 SMUX_UPD_BODY = struct.Struct("<II")
+SMUX_RST = 0x80
+SMUX_RST_BODY = struct.Struct("<I")
+SMUX_RST_RESET = 0
+SMUX_RST_REFUSED = 1
 
 
 # ---------------------------------------------------------------------------
