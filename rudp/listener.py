@@ -11,8 +11,10 @@ smaller than the datagram that provoked it (the INIT is padded to the MTU), far
 inside the 3x amplification limit.
 
 KCP has no handshake, so in the ``kcp`` and ``kcp-go`` framings the first
-well-formed datagram with the configured conv from a new address creates a
-connection, as kcp-go does.
+well-formed datagram from a new address creates a connection, as kcp-go does.
+kcp-go clients (kcptun) draw a random conv per session, so with ``conv=0``
+(the default) the new connection adopts the conv of that first segment; a
+non-zero ``conv`` accepts only segments carrying it.
 """
 
 from __future__ import annotations
@@ -190,13 +192,15 @@ class Listener:
             self.counters["garbage"] += 1
             return None
         conv, cmd = struct.unpack_from("<IB", payload)
-        if conv != self.configuration.conv or cmd not in wire.KCP_CMDS:
+        wanted = self.configuration.conv
+        if (wanted and conv != wanted) or cmd not in wire.KCP_CMDS:
             self.counters["garbage"] += 1
             return None
         if not accepting:
             self.counters["refused"] += 1
             return None
-        conn = Connection(self.configuration, is_client=False, engine=self._engine)
+        config = self.configuration if conv == wanted else self.configuration.replace(conv=conv)
+        conn = Connection(config, is_client=False, engine=self._engine)
         conn.accept(self._params, addr, now)
         conn.receive_datagram(data, addr, now)
         self.counters["passive_opens"] += 1
