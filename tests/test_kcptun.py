@@ -20,18 +20,7 @@ closes both, so every client here reads all of its echo before closing.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import os
 import random
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 
 import pytest
 
