@@ -1009,12 +1009,15 @@ async def serve(
     configuration: Configuration | None = None,
     limit: int = DEFAULT_LIMIT,
     reuse_port: bool = False,
+    accepting: Callable[[], bool] | None = None,
 ) -> Server:
     """Serve rudp sessions on ``host:port``.
 
     ``connection_handler(session)`` runs for each new connection;
     ``stream_handler(reader, writer)`` for each stream a peer opens (without
-    it, streams wait for ``session.accept_stream()``).
+    it, streams wait for ``session.accept_stream()``). While ``accepting()``
+    returns False (say, the application's own accept queue is full), new
+    clients are refused cleanly, as when ``Configuration.backlog`` is reached.
     """
     config = configuration or Configuration()
     loop = asyncio.get_running_loop()
@@ -1050,7 +1053,11 @@ async def serve(
 
     listener = Listener(config, secret=os.urandom(32))
     endpoint = Endpoint(
-        sock, config, listener=listener, on_accept=on_accept, can_accept=lambda: len(pending) < config.backlog
+        sock,
+        config,
+        listener=listener,
+        on_accept=on_accept,
+        can_accept=lambda: len(pending) < config.backlog and (accepting is None or accepting()),
     )
     return Server(endpoint, drivers)
 
