@@ -229,7 +229,8 @@ class _MuxStream(_Stream):
             self.eof = True
             self.driver.stream_finished(self)
             return b""
-        self.driver.touch()  # may emit a window update
+        if self.mux.has_output() or self.mux.receive_capacity() is not None:
+            self.driver.touch()  # a window update to send, or (v1) room to take more bytes in
         return data
 
     def write(self, data: bytes) -> None:
@@ -245,19 +246,23 @@ class _MuxStream(_Stream):
     def push(self) -> None:
         """Hand pending bytes to the mux as its stream buffer frees up."""
         pending = self.pending
+        blocked = self.driver.blocked
         while pending:
             try:
                 taken = self.mux.send(self.sid, pending[0])
             except RudpError as exc:
                 pending.clear()
+                blocked.discard(self)
                 self.fail(exc)
                 return
             if taken == 0:
+                blocked.add(self)
                 return
             if taken == len(pending[0]):
                 pending.popleft()
             else:
                 pending[0] = pending[0][taken:]
+        blocked.discard(self)
         if self.eof_after_pending:
             self.eof_after_pending = False
             self.mux.end_stream(self.sid)
@@ -490,6 +495,7 @@ class _Driver:
         self.mux: muxlib.Session | None = None
         self.raw: _RawStream | None = None
         self.streams: dict[int, _MuxStream] = {}
+        self.blocked: set[_MuxStream] = set()  # streams with bytes the mux has no room for yet
         self.accepting = _Waiter()
         self.pings: dict[int, asyncio.Future[None]] = {}
         self.connected: asyncio.Future[None] = self.loop.create_future()
@@ -639,15 +645,19 @@ class _Driver:
     # ---------------------------------------------------------------- the mux pump
 
     def _pump_mux(self) -> None:
+        """Channel bytes into the mux, its events out, stream writes in, frames out.
+
+        Runs after every input and API call, so each step first checks cheaply
+        whether it has anything to do.
+        """
         mux, conn = self.mux, self.conn
         assert mux is not None
-        ms = int(self.loop.time() * 1000)
         if not mux.closed:
-            while (capacity := mux.receive_capacity()) != 0:
+            while conn.readable and (capacity := mux.receive_capacity()) != 0:
                 data = conn.read(-1 if capacity is None else capacity)
                 if not data:
                     break
-                mux.receive_data(data, ms)
+                mux.receive_data(data, int(self.loop.time() * 1000))
             if conn.at_eof and not self.closing:
                 # The peer closed the whole connection: finish our side of every stream
                 # (what arrived stays readable), then close once it is all out.
@@ -658,18 +668,17 @@ class _Driver:
         self._mux_events()
         if mux.closed:
             return
-        for stream in self.streams.values():
-            if stream.pending or stream.eof_after_pending:
-                stream.push()
-        if conn.state is not ConnectionState.ESTABLISHED or conn._write_closed:
-            return
-        room = self.config.send_buffer - conn.send_buffered
-        while room >= _MIN_PULL and mux.has_output():
-            out = mux.data_to_send(room, ms)
-            if not out:
-                break
-            conn.send(out)
-            room -= len(out)
+        for stream in list(self.blocked):
+            stream.push()
+        if mux.has_output() and conn.state is ConnectionState.ESTABLISHED and not conn._write_closed:
+            room = self.config.send_buffer - conn.send_buffered
+            ms = int(self.loop.time() * 1000)
+            while room >= _MIN_PULL and mux.has_output():
+                out = mux.data_to_send(room, ms)
+                if not out:
+                    break
+                conn.send(out)
+                room -= len(out)
         if self.closing:
             self._close_when_flushed()
 
