@@ -166,6 +166,7 @@ SUBCOMMANDS: dict[str, str] = {
     "connect": "rudp.netcat:connect",
     "bench": "rudp.bench",
     "sim": "rudp.sim",
+    "tunnel": "rudp.tunnel",
 }
 
 
