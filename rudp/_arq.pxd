@@ -23,9 +23,11 @@ cdef struct Seg:
     uint32_t xmit        # transmissions so far
     uint32_t fastack     # skipping ACKs since the last transmission
     uint32_t fastx       # fast retransmissions so far
+    uint32_t lastts      # time of the last emission, bundled copies included
     uint32_t len         # payload bytes, stored right after the struct
     uint32_t cap         # room for payload (stream mode fills the last unsent segment)
     uint8_t frg
+    uint8_t bundled      # redundant copies bundled so far
 
 
 cdef struct Msg:
@@ -46,7 +48,7 @@ cdef class Congestion:
 cdef class Arq:
     # configuration
     cdef readonly uint32_t conv
-    cdef readonly int mtu, mss, snd_wnd, rcv_wnd
+    cdef readonly int mtu, mss, snd_wnd, rcv_wnd, bundle
     cdef int nodelay, interval, resend, rto_min, rto_max, fast_limit, dead_link
     cdef readonly bint stream, pacing
     cdef size_t max_message
@@ -101,7 +103,7 @@ cdef class Arq:
     cdef uint32_t *ends
     cdef Py_ssize_t nout, ends_cap
 
-    cdef uint64_t st[18]
+    cdef uint64_t st[19]
 
     # C-level entry points
     cdef int input_raw(self, const unsigned char *data, Py_ssize_t size, uint32_t now,
@@ -132,6 +134,7 @@ cdef class Arq:
     cdef bint queued(self) noexcept
     cdef void admit(self, uint32_t now, int limit, int wnd, uint32_t una) noexcept
     cdef void transmit(self, Seg *seg, uint32_t now, int wnd, uint32_t una) noexcept
+    cdef void bundle_copies(self, uint32_t now, int wnd, uint32_t una) noexcept
     cdef int64_t pace_rate(self, int limit) noexcept
     cdef bint pace_update(self, uint32_t now, int limit) noexcept
     cdef int64_t pace_delay(self, uint32_t now, int limit) noexcept

@@ -72,6 +72,7 @@ cdef int S_OUT_BYTES = _STAT_NAMES.index("out_bytes")
 cdef int S_RETRANS = _STAT_NAMES.index("retrans_segs")
 cdef int S_FAST_RETRANS = _STAT_NAMES.index("fast_retrans_segs")
 cdef int S_LOST = _STAT_NAMES.index("lost_segs")
+cdef int S_BUNDLED = _STAT_NAMES.index("bundled_segs")
 cdef int S_REPEAT = _STAT_NAMES.index("repeat_segs")
 cdef int S_IN_ERRORS = _STAT_NAMES.index("in_errors")
 cdef int S_OUT_OF_WINDOW = _STAT_NAMES.index("out_of_window")
@@ -81,7 +82,7 @@ cdef int S_ACKS_DROPPED = _STAT_NAMES.index("acks_dropped")
 cdef int S_PROBE = _STAT_NAMES.index("probe_segs")
 cdef int S_WINS = _STAT_NAMES.index("wins_segs")
 cdef int S_OVERSIZE = _STAT_NAMES.index("oversize_messages")
-assert len(_STAT_NAMES) == 18, "rudp.arq.STATS and Arq.st[18] in rudp/_arq.pxd disagree"
+assert len(_STAT_NAMES) == 19, "rudp.arq.STATS and Arq.st[19] in rudp/_arq.pxd disagree"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -133,8 +134,9 @@ cdef inline Seg *seg_new(uint32_t length, uint32_t cap) noexcept:
         seg = <Seg *>malloc(sizeof(Seg) + cap)
     if seg != NULL:
         seg.next = NULL
-        seg.sn = seg.ts = seg.resendts = seg.rto = 0
+        seg.sn = seg.ts = seg.resendts = seg.rto = seg.lastts = 0
         seg.xmit = seg.fastack = seg.fastx = 0
+        seg.bundled = 0
         seg.len = length
         seg.cap = cap
         seg.frg = 0
@@ -281,13 +283,14 @@ cdef class Arq:
         fast_limit=5,
         dead_link=20,
         max_message=4 << 20,
+        bundle=0,
     ):
         cdef uint32_t cap
         if self.flight != NULL:
             raise RuntimeError("Arq.__init__ called twice")
         rto_min = spec.resolve_params(
             conv, mtu, snd_wnd, rcv_wnd, nodelay, interval, resend, congestion, pacing,
-            stream, rto_min, rto_max, fast_limit, dead_link, max_message,
+            stream, rto_min, rto_max, fast_limit, dead_link, max_message, bundle,
         )
         self.conv = conv
         self.mtu = mtu
@@ -304,6 +307,7 @@ cdef class Arq:
         self.fast_limit = fast_limit
         self.dead_link = dead_link
         self.max_message = max_message
+        self.bundle = bundle
         self.cc = Reno(self.mss, snd_wnd) if congestion == "reno" else Congestion(self.mss, snd_wnd)
 
         self.has_rtt = False
@@ -594,7 +598,7 @@ cdef class Arq:
             seg = self.flight[sn & self.snd_mask]
         if seg != NULL and rtt_sample:
             rtt = tdiff(now, ts)
-            if rtt >= 0 and tdiff(seg.ts, ts) >= 0:
+            if rtt >= 0 and tdiff(seg.lastts, ts) >= 0:
                 self.update_rtt(rtt)
         self.apply_una(una)
         if seg == NULL or self.flight[sn & self.snd_mask] == NULL:
@@ -765,7 +769,7 @@ cdef class Arq:
     cdef void flush_c(self, uint32_t now) noexcept:
         """``flush`` for C callers."""
         cdef int wnd, limit, i
-        cdef uint32_t una, sn, end, grown, earliest = 0
+        cdef uint32_t una, sn, end, grown, earliest = 0, admitted
         cdef uint64_t emitted
         cdef bint lost = False, change = False, have_min = False
         cdef Seg *seg
@@ -841,19 +845,43 @@ cdef class Arq:
         if lost:
             self.cc.on_timeout(limit)
         if not self._dead:
+            admitted = self.snd_nxt
             self.admit(now, self.limit(), wnd, una)
+            if self.bundle and admitted != self.snd_nxt and not self._dead:
+                self.bundle_copies(now, wnd, una)
         self.end_datagram()
         if self.st[S_OUT_SEGS] != emitted:
             self.adv_zero = wnd == 0
 
     cdef void transmit(self, Seg *seg, uint32_t now, int wnd, uint32_t una) noexcept:
         seg.xmit += 1
-        seg.ts = now
+        seg.ts = seg.lastts = now
         seg.fastack = 0
         self.emit(CMD_PUSH, seg.frg, wnd, now, seg.sn, una, seg_data(seg), seg.len)
         self.st[S_OUT_BYTES] += seg.len
         if seg.xmit >= <uint32_t>self.dead_link:
             self._dead = True
+
+    cdef void bundle_copies(self, uint32_t now, int wnd, uint32_t una) noexcept:
+        """Copies of the oldest unacknowledged segments into the open datagram's room
+        (see ``rudp.arq.Arq._bundle_copies``): not a retransmission, no timer changes."""
+        cdef size_t room = <size_t>self.mtu - (self.out_len - self.cur_start), need
+        cdef uint32_t sn = self.snd_una
+        cdef Seg *seg
+        while sn != self.snd_nxt and room >= <size_t>OVERHEAD:
+            seg = self.flight[sn & self.snd_mask]
+            sn += 1
+            if seg == NULL or seg.ts == now or seg.bundled >= self.bundle:
+                continue
+            need = OVERHEAD + seg.len
+            if need > room:
+                return
+            self.emit(CMD_PUSH, seg.frg, wnd, now, seg.sn, una, seg_data(seg), seg.len)
+            room -= need
+            seg.bundled += 1
+            seg.lastts = now
+            self.st[S_OUT_BYTES] += seg.len
+            self.st[S_BUNDLED] += 1
 
     cdef int limit(self) noexcept:
         return <int>imin(imin(self.snd_wnd, self._rmt_wnd), self.cc.window())

@@ -24,6 +24,11 @@ What follows KCP (``ikcp.c``) and what is rudp's own:
   ACK instead of per datagram so batching does not change the outcome);
   ``resend`` skips trigger it, at most ``fast_limit`` times per segment. A
   segment's skip count restarts at each of its transmissions.
+* Redundant bundling for thin streams (``bundle``; Linux TCP's RDB idea, not
+  in KCP): a flush that sends new data and leaves room in its last datagram
+  fills that room with copies of the oldest unacknowledged segments, so a
+  lost small message is usually repaired by the next one, one packet
+  interval later instead of a round trip. See ``Arq._bundle``.
 * Congestion control: ``none`` (KCP ``nc=1``) or ``reno`` (KCP's, with its
   growth step applied per newly acknowledged segment rather than per input
   call, so ACK packing does not slow it); retransmissions go out before new
@@ -86,6 +91,7 @@ RMT_WND_INIT = 128  # the peer's window assumed until it tells us (KCP's IKCP_WN
 DUP_SPAN = 65536  # no genuine PUSH is this far from rcv_nxt (windows are u16)
 ASK_SEND = 1  # probe flags: send WASK
 ASK_TELL = 2  # send WINS
+BUNDLE_MAX = 8  # copies of one segment that bundling may send in its life
 # Pacing works in fixed point: one segment costs PACE_UNIT credit; credit is
 # earned at PACE_GAIN x window / srtt segments per ms and capped at the larger
 # of PACE_BURST segments and two milliseconds' worth.
@@ -115,6 +121,10 @@ STATS: dict[str, str] = {
     "retrans_segs": "PUSH retransmissions of any kind (lost_segs + fast_retrans_segs)",
     "fast_retrans_segs": "PUSH retransmissions triggered by skipping ACKs",
     "lost_segs": "PUSH retransmissions triggered by a retransmission timeout",
+    "bundled_segs": (
+        "redundant PUSH copies bundled after new data (also counted in out_segs and"
+        " out_bytes, never in retrans_segs)"
+    ),
     "repeat_segs": "PUSH segments received that were already received (acknowledged again)",
     "in_errors": "rejected datagrams plus segments no genuine peer sends (bad una/sn/ACK)",
     "out_of_window": "PUSH segments beyond the receive window (dropped unacknowledged)",
@@ -149,6 +159,7 @@ def resolve_params(
     fast_limit: int,
     dead_link: int,
     max_message: int,
+    bundle: int,
 ) -> int:
     """Validate the constructor arguments (both engines call this) and return rto_min.
 
@@ -171,6 +182,7 @@ def resolve_params(
     check_range("fast_limit", fast_limit, 1, 255)
     check_range("dead_link", dead_link, 1, 1000)
     check_range("max_message", max_message, 1, 1 << 30)
+    check_range("bundle", bundle, 0, BUNDLE_MAX)
     return rto_min
 
 
@@ -272,7 +284,10 @@ _CONTROLLERS = {"none": NoCongestion, "reno": Reno}
 class _Seg:
     """A data segment in flight (sender side)."""
 
-    __slots__ = ("data", "fastack", "fastx", "frg", "resendts", "rto", "sn", "ts", "xmit")
+    __slots__ = (
+        "bundled", "data", "fastack", "fastx", "frg", "lastts", "resendts", "rto", "sn", "ts",
+        "xmit",
+    )  # fmt: skip
 
     def __init__(self, sn: int, frg: int, data: bytes) -> None:
         self.sn = sn
@@ -284,6 +299,8 @@ class _Seg:
         self.xmit = 0  # transmissions so far
         self.fastack = 0  # skipping ACKs since the last transmission
         self.fastx = 0  # fast retransmissions so far
+        self.bundled = 0  # redundant copies bundled so far
+        self.lastts = 0  # time of the last emission, copies included (bounds ACK ts)
 
 
 class Arq:
@@ -312,10 +329,11 @@ class Arq:
         fast_limit: int = 5,
         dead_link: int = 20,
         max_message: int = 4 << 20,
+        bundle: int = 0,
     ) -> None:
         rto_min = resolve_params(
             conv, mtu, snd_wnd, rcv_wnd, nodelay, interval, resend, congestion, pacing,
-            stream, rto_min, rto_max, fast_limit, dead_link, max_message,
+            stream, rto_min, rto_max, fast_limit, dead_link, max_message, bundle,
         )  # fmt: skip
         self._conv = conv
         self._mtu = mtu
@@ -332,6 +350,7 @@ class Arq:
         self._fast_limit = fast_limit
         self._dead_link = dead_link
         self._max_message = max_message
+        self._bundle = bundle
         self._cc = _CONTROLLERS[congestion](self._mss, snd_wnd)
 
         # RTT estimator
@@ -511,7 +530,7 @@ class Arq:
         seg = self._flight[sn & self._snd_mask] if _diff(sn, self._snd_una) >= 0 else None
         if seg is not None and rtt_sample:
             rtt = _diff(now, ts)
-            if rtt >= 0 and _diff(seg.ts, ts) >= 0:
+            if rtt >= 0 and _diff(seg.lastts, ts) >= 0:
                 self._update_rtt(rtt)
         self._apply_una(una)
         if seg is None or self._flight[sn & self._snd_mask] is not seg:
@@ -697,7 +716,10 @@ class Arq:
         if lost:
             self._cc.on_timeout(limit)
         if not self._dead:
+            admitted = self._snd_nxt
             self._admit(now, self._window(), wnd, una)
+            if self._bundle and admitted != self._snd_nxt and not self._dead:
+                self._bundle_copies(now, wnd, una)
         self._end_datagram()
         if st["out_segs"] != emitted:
             self._adv_zero = wnd == 0
@@ -708,7 +730,7 @@ class Arq:
 
     def _transmit(self, seg: _Seg, now: int, wnd: int, una: int) -> None:
         seg.xmit += 1
-        seg.ts = now
+        seg.ts = seg.lastts = now
         seg.fastack = 0
         hdr = KCP_HEADER.pack(
             self._conv, KCP_CMD_PUSH, seg.frg, wnd, now, seg.sn, una, len(seg.data)
@@ -717,6 +739,41 @@ class Arq:
         self._stats["out_bytes"] += len(seg.data)
         if seg.xmit >= self._dead_link:
             self._dead = True
+
+    def _bundle_copies(self, now: int, wnd: int, una: int) -> None:
+        """Fill the room left in the open datagram with copies of the oldest
+        unacknowledged segments not transmitted at ``now``, oldest first, each at
+        most ``bundle`` times; stop at the first one that does not fit whole.
+
+        A thin stream (one small message per datagram) loses a message to one
+        dropped datagram; the next message's datagram then repairs it one send
+        interval later, with no round trip and nothing the peer must understand.
+        Bulk transfers fill their datagrams and get no copies. A copy changes
+        none of the segment's timers or counters (xmit, rto, resendts, ts, fastack):
+        it is not a retransmission. It carries ``now`` as its ts, so the ACK it
+        provokes is a correct RTT sample (``lastts`` bounds the plausible ones).
+        """
+        room = self._mtu - len(self._cur)
+        flight, mask, limit = self._flight, self._snd_mask, self._bundle
+        st = self._stats
+        sn = self._snd_una
+        while sn != self._snd_nxt and room >= KCP_OVERHEAD:
+            seg = flight[sn & mask]
+            sn = (sn + 1) & _MASK
+            if seg is None or seg.ts == now or seg.bundled >= limit:
+                continue
+            need = KCP_OVERHEAD + len(seg.data)
+            if need > room:
+                return
+            hdr = KCP_HEADER.pack(
+                self._conv, KCP_CMD_PUSH, seg.frg, wnd, now, seg.sn, una, len(seg.data)
+            )
+            self._emit(hdr, seg.data)
+            room -= need
+            seg.bundled += 1
+            seg.lastts = now
+            st["out_bytes"] += len(seg.data)
+            st["bundled_segs"] += 1
 
     def _admit(self, now: int, limit: int, wnd: int, una: int) -> None:
         """Cut queued bytes into new segments and send them, while the windows and the
@@ -878,6 +935,11 @@ class Arq:
     @property
     def pacing(self) -> bool:
         return self._pacing
+
+    @property
+    def bundle(self) -> int:
+        """Redundant copies bundling may send of each segment (0: bundling is off)."""
+        return self._bundle
 
     @property
     def srtt(self) -> int:

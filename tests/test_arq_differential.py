@@ -1,8 +1,8 @@
 """The Cython engine is byte-identical to the Python reference.
 
 Each seed draws a configuration (stream or message mode, both congestion
-controls, nodelay levels, pacing, small windows, odd MTUs, tight limits) and a
-random script of operations on two connected endpoints: sends of random sizes,
+controls, nodelay levels, pacing, redundant bundling, small windows, odd MTUs,
+tight limits) and a random script of operations on two connected endpoints: sends of random sizes,
 flushes, deliveries through a scripted link that drops, duplicates, reorders,
 truncates, bit-flips and injects garbage, time steps (small, large, backwards
 never), reads, and ``check()`` calls. The same script drives a Python pair and
@@ -21,6 +21,7 @@ from conftest import load_engine
 from rudp.arq import Arq as PyArq
 
 PROPS = (
+    "bundle",
     "srtt",
     "rttvar",
     "rto",
@@ -59,7 +60,7 @@ class Twin:
         assert self.py.stats() == self.cy.stats()
 
 
-def config(rng: random.Random) -> dict:
+def config(rng: random.Random, thin: bool = False) -> dict:
     nodelay = rng.choice([0, 1, 2])
     kw = {
         "mtu": rng.choice([50, 64, 200, 576, 1400]),
@@ -75,7 +76,11 @@ def config(rng: random.Random) -> dict:
         "fast_limit": rng.choice([1, 2, 5]),
         "dead_link": rng.choice([5, 20, 1000]),
         "max_message": rng.choice([100, 5000, 1 << 20]),
+        "bundle": rng.choice([1, 2, 3, 8] if thin else [0, 0, 1, 2, 8]),
     }
+    if thin:  # room for copies, and something in flight to copy
+        kw["mtu"] = rng.choice([100, 200, 1400])
+        kw["snd_wnd"] = rng.choice([4, 16, 64])
     if rng.random() < 0.3:
         kw["rto_min"] = rng.choice([1, 10, 250])
         kw["rto_max"] = max(kw["rto_max"], kw["rto_min"])
@@ -130,11 +135,12 @@ def payload(rng: random.Random, n: int, counter: list[int]) -> bytes:
     return bytes((start + i) * 7 & 0xFF for i in range(n))
 
 
-def run_script(cy_cls, seed: int, steps: int) -> None:
+def run_script(cy_cls, seed: int, steps: int, thin: bool = False) -> None:
+    """``thin``: small sends and bundling always on (a thin stream's datagrams have room)."""
     rng = random.Random(seed)
-    kw = config(rng)
+    kw = config(rng, thin)
     a = Twin(cy_cls, 0xC0FFEE, **kw)
-    b = Twin(cy_cls, 0xC0FFEE, **{**kw, **config(rng), "stream": kw["stream"]})
+    b = Twin(cy_cls, 0xC0FFEE, **{**kw, **config(rng, thin), "stream": kw["stream"]})
     loss = rng.choice([0.0, 0.05, 0.2, 0.5])
     ab = Path(rng, loss, rng.choice([0, 0.05]), rng.choice([0, 0.1, 0.3]), rng.choice([0, 0.05]))
     ba = Path(rng, loss, rng.choice([0, 0.05]), rng.choice([0, 0.1, 0.3]), rng.choice([0, 0.05]))
@@ -148,7 +154,9 @@ def run_script(cy_cls, seed: int, steps: int) -> None:
         op = rng.random()
         side, path, other = (a, ab, b) if rng.random() < 0.5 else (b, ba, a)
         if op < 0.15:
-            if kw["stream"]:
+            if thin:
+                n = rng.choice([0, 1, 10, 16, 40, 100])
+            elif kw["stream"]:
                 n = rng.choice([0, 1, 10, 100, 1000, 5000])
             else:
                 n = rng.choice([0, 1, 10, 100, 1000, 5000, 20000])
@@ -196,6 +204,12 @@ def test_fresh_state_agrees():
 @pytest.mark.parametrize("seed", range(60))
 def test_engines_are_byte_identical(seed):
     run_script(load_engine("cython"), seed, steps=600)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_thin_streams_are_byte_identical(seed):
+    """Small sends with bundling on, so copies fill the room datagrams leave."""
+    run_script(load_engine("cython"), 5000 + seed, steps=3000, thin=True)
 
 
 def test_long_lossy_script():
