@@ -20,14 +20,29 @@ closes both, so every client here reads all of its echo before closing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
+import rudp
+from netem import Impairment, Profile
+from netem.relay import Relay
 from rudp import wire
 from rudp.config import Configuration
 from rudp.connection import Connection
 from rudp.listener import Listener
+from rudp.tunnel import start_tunnel_client, start_tunnel_server
 
 KCPTUN_CLIENT = "kcptun-client"
 KCPTUN_SERVER = "kcptun-server"
@@ -153,3 +168,292 @@ def test_kcpgo_client_and_server_connections_talk(arq_cls):
     assert bytes(got_up) == up
     assert bytes(got_down) == down
     assert server is not None and server.engine.conv == 0x1234ABCD
+
+
+# ---------------------------------------------------------------------------- the real kcptun
+
+
+@pytest.fixture
+def kcptun_installed() -> None:
+    missing = [b for b in (KCPTUN_CLIENT, KCPTUN_SERVER) if shutil.which(b) is None]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not found: install Debian's kcptun package "
+            "(`apt-get install kcptun`; .ci/run does, where apt is reachable)"
+        )
+
+
+def free_port(kind: int) -> int:
+    """A port nothing on 127.0.0.1 uses right now (kcptun binds it a moment later)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def listening(proto: str, port: int) -> bool:
+    """Whether a socket is bound (UDP) or listening (TCP) on ``port``, from /proc/net."""
+    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, state = fields[1], fields[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and (proto == "udp" or state == "0A"):
+                    return True
+    return False
+
+
+@asynccontextmanager
+async def kcptun(binary: str, *args: str, ready: tuple[str, int]) -> AsyncIterator[Path]:
+    """Run a kcptun binary until the block ends (killed on any failure); yields its log file.
+
+    ``ready``: (``udp``|``tcp``, port) it must bind before the block starts.
+    """
+    log = Path(tempfile.mkstemp(prefix=f"{binary}-", suffix=".log")[1])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(*ready):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{binary} exited with {proc.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{binary} did not bind {ready} within 30 s")
+            await asyncio.sleep(0.05)
+        yield log
+    except BaseException:
+        print(f"--- {binary} {' '.join(args)}\n{log.read_text()}")
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.unlink(missing_ok=True)
+
+
+def kcptun_server(port: int, target: int, smux_version: int):
+    return kcptun(
+        KCPTUN_SERVER,
+        *("--listen", f"{LOCALHOST}:{port}", "--target", f"{LOCALHOST}:{target}"),
+        *KCPTUN_COMMON,
+        *("--smuxver", str(smux_version), "--quiet"),
+        ready=("udp", port),
+    )
+
+
+def kcptun_client(port: int, remote: tuple[str, int], smux_version: int):
+    return kcptun(
+        KCPTUN_CLIENT,
+        *("--localaddr", f"{LOCALHOST}:{port}", "--remoteaddr", f"{remote[0]}:{remote[1]}"),
+        *KCPTUN_COMMON,
+        *("--smuxver", str(smux_version), "--quiet"),
+        ready=("tcp", port),
+    )
+
+
+@asynccontextmanager
+async def tcp_echo_server() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, LOCALHOST, 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def rudp_stream_echo(reader: rudp.StreamReader, writer: rudp.StreamWriter) -> None:
+    with contextlib.suppress(rudp.RudpError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def round_trip(reader, writer, size: int, seed: int) -> None:
+    """Write ``size`` seeded bytes while reading their echo; all must come back, in order."""
+    data = random.Random(seed).randbytes(size)
+
+    async def send() -> None:
+        for i in range(0, size, 50_000):
+            writer.write(data[i : i + 50_000])
+            await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    try:
+        echoed = await reader.readexactly(size)
+    finally:
+        sending.cancel()
+    assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(data).hexdigest(), (
+        f"stream {seed}: the echo differs from what was sent"
+    )
+    writer.close()
+
+
+async def tcp_round_trips(port: int, count: int, size: int) -> None:
+    """``count`` TCP connections to ``port`` at once, each a ``size``-byte round trip."""
+
+    async def one(seed: int) -> None:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port)
+        await round_trip(reader, writer, size, seed)
+
+    await asyncio.gather(*(one(seed) for seed in range(count)))
+
+
+def run(main) -> None:
+    asyncio.run(asyncio.wait_for(main(), TIMEOUT))
+
+
+SMUX = pytest.mark.parametrize("smux_version", [1, 2])
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_kcptun_client_to_rudp_server(smux_version):
+    """(a) TCP → kcptun-client → rudp server (a stream echo): every byte comes back."""
+
+    async def main() -> None:
+        server = await rudp.serve(
+            LOCALHOST,
+            0,
+            stream_handler=rudp_stream_echo,
+            configuration=kcptun_config(smux_version),
+        )
+        async with server:
+            tcp_port = free_port(socket.SOCK_STREAM)
+            async with kcptun_client(tcp_port, server.addresses()[0], smux_version):
+                await tcp_round_trips(tcp_port, count=3, size=600_000)
+            stats = server.stats()
+        assert stats["passive_opens"] == 1  # one kcp-go session carried every connection
+
+    run(main)
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_kcptun_client_through_rudp_tunnel_server(smux_version):
+    """(a) TCP → kcptun-client → ``rudp tunnel server`` → TCP echo: every byte comes back."""
+
+    async def main() -> None:
+        async with tcp_echo_server() as echo_port:
+            tunnel = await start_tunnel_server(
+                (LOCALHOST, 0), (LOCALHOST, echo_port), configuration=kcptun_config(smux_version)
+            )
+            async with tunnel:
+                tcp_port = free_port(socket.SOCK_STREAM)
+                async with kcptun_client(tcp_port, tunnel.address, smux_version):
+                    await tcp_round_trips(tcp_port, count=3, size=600_000)
+                stats = tunnel.stats()
+        assert stats["connections"] == 3
+        assert stats["bytes_to_remote"] == stats["bytes_from_remote"] == 3 * 600_000
+        assert stats["aborted"] == stats["failed"] == 0
+
+    run(main)
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_rudp_client_to_kcptun_server(smux_version):
+    """(b) rudp session → kcptun-server → TCP echo: streams opened at once all come back."""
+
+    async def main() -> None:
+        async with tcp_echo_server() as echo_port:
+            udp_port = free_port(socket.SOCK_DGRAM)
+            async with kcptun_server(udp_port, echo_port, smux_version):
+                session = await rudp.connect(
+                    LOCALHOST, udp_port, configuration=kcptun_config(smux_version)
+                )
+                streams = [await session.open_stream() for _ in range(4)]
+                await asyncio.gather(
+                    *(round_trip(r, w, 500_000, seed) for seed, (r, w) in enumerate(streams))
+                )
+                stats = session.stats
+                await session.close()
+        assert stats["mux_streams_opened"] == 4
+        assert stats["mux_data_bytes_received"] == 4 * 500_000
+
+    run(main)
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_rudp_tunnel_client_to_kcptun_server(smux_version):
+    """(b) TCP → ``rudp tunnel client`` → kcptun-server → TCP echo: every byte comes back."""
+
+    async def main() -> None:
+        async with tcp_echo_server() as echo_port:
+            udp_port = free_port(socket.SOCK_DGRAM)
+            async with kcptun_server(udp_port, echo_port, smux_version):
+                tunnel = await start_tunnel_client(
+                    (LOCALHOST, 0), (LOCALHOST, udp_port), configuration=kcptun_config(smux_version)
+                )
+                async with tunnel:
+                    await tcp_round_trips(tunnel.address[1], count=3, size=600_000)
+                    stats = tunnel.stats()
+        assert stats["connections"] == 3 and stats["sessions"] == 1
+        assert stats["bytes_to_remote"] == stats["bytes_from_remote"] == 3 * 600_000
+
+    run(main)
+
+
+#: A link that loses, delays and reorders: retransmissions and out-of-order KCP both ways.
+LOSSY = Profile(
+    "kcptun-lossy",
+    forward=Impairment.from_tc_args("delay 5ms 2ms loss 3%"),
+    reverse=Impairment.from_tc_args("delay 5ms 2ms loss 3%"),
+)
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_both_directions_through_a_lossy_link(smux_version):
+    """(a) and (b) with a seeded relay dropping 3% and jittering each way: still intact."""
+
+    async def main() -> None:
+        async with tcp_echo_server() as echo_port:
+            # (b) rudp client → relay → kcptun-server
+            udp_port = free_port(socket.SOCK_DGRAM)
+            async with (
+                kcptun_server(udp_port, echo_port, smux_version),
+                Relay(LOSSY, (LOCALHOST, udp_port), seed=smux_version) as relay,
+            ):
+                session = await rudp.connect(
+                    *relay.address, configuration=kcptun_config(smux_version)
+                )
+                streams = [await session.open_stream() for _ in range(2)]
+                await asyncio.gather(
+                    *(round_trip(r, w, 300_000, seed) for seed, (r, w) in enumerate(streams))
+                )
+                retransmitted = session.stats["retrans_segs"]
+                await session.close()
+                lost = relay.stats[0].lost + relay.stats[1].lost
+            assert lost > 0 and retransmitted > 0
+            # (a) kcptun-client → relay → rudp server
+            server = await rudp.serve(
+                LOCALHOST,
+                0,
+                stream_handler=rudp_stream_echo,
+                configuration=kcptun_config(smux_version),
+            )
+            async with (
+                server,
+                Relay(LOSSY, server.addresses()[0], seed=10 + smux_version) as relay,
+            ):
+                tcp_port = free_port(socket.SOCK_STREAM)
+                async with kcptun_client(tcp_port, relay.address, smux_version):
+                    await tcp_round_trips(tcp_port, count=2, size=300_000)
+                assert relay.stats[0].lost + relay.stats[1].lost > 0
+
+    run(main)
