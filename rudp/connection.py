@@ -178,6 +178,7 @@ class Connection:
         self._last_recv = 0.0
         self._ping_token: int | None = None
         self._ping_next: float | None = None
+        self._last_ping_seen = b""
         # closing
         self._write_closed = False  # write_eof()/close() called
         self._full_close = False  # close() called: tear down once our side is done
@@ -376,13 +377,19 @@ class Connection:
     def _receive_kcp(
         self, payload: bytes | memoryview, addr: Address, now: float, rtt_sample: bool = True
     ) -> None:
-        if self.engine is None:
+        engine = self.engine
+        if engine is None:
             return
-        before = self.engine.readable
-        if self.engine.input(payload, self._ms(now), rtt_sample) < 0:
+        before = engine.readable
+        moved = addr != self.peer_address
+        if moved:
+            progress_before = self._progress()
+        if engine.input(payload, self._ms(now), rtt_sample) < 0:
             self._counters["in_errors"] += 1
             return
         self._heard_from(addr, now)
+        if moved and self._progress() != progress_before:
+            self._migrate(addr)
         self._needs_flush = True
         if self._full_close:
             self._discard_input()
@@ -394,12 +401,29 @@ class Connection:
     def _heard_from(self, addr: Address, now: float) -> None:
         self._last_recv = now
         self._schedule_ping(now)
-        if addr != self.peer_address and self.state is ConnectionState.ESTABLISHED:
-            old = self.peer_address
-            self.peer_address = addr
-            self._counters["migrations"] += 1
-            assert old is not None
-            self._events.append(AddressChanged(old, addr))
+
+    def _progress(self) -> tuple[int, int]:
+        """What only a live peer can advance: data we had not seen, and our unacked data.
+
+        A datagram from a new address moves the session there (NAT rebinding, a
+        moved client) only if it advanced this: a replayed old datagram does not.
+        (Without authentication an on-path observer can still forge one; AEAD will
+        close that.)
+        """
+        stats = self.engine.stats()
+        fresh = (
+            stats["in_segs"] - stats["ack_segs_in"] - stats["repeat_segs"] - stats["out_of_window"]
+        )
+        return fresh, self.engine.inflight
+
+    def _migrate(self, addr: Address) -> None:
+        if self.state is not ConnectionState.ESTABLISHED or addr == self.peer_address:
+            return
+        old = self.peer_address
+        self.peer_address = addr
+        self._counters["migrations"] += 1
+        assert old is not None
+        self._events.append(AddressChanged(old, addr))
 
     def _receive_rudp(self, data: bytes, addr: Address, now: float) -> None:
         if len(data) < wire.RUDP_OVERHEAD:
@@ -466,6 +490,12 @@ class Connection:
         self._confirm()
         self._heard_from(addr, now)
         if ptype == wire.PKT_PING:
+            if (
+                addr != self.peer_address
+                and bytes(body[: wire.PING_BODY.size]) != self._last_ping_seen
+            ):
+                self._migrate(addr)  # an idle client's keepalive from its new address
+            self._last_ping_seen = bytes(body[: wire.PING_BODY.size])
             self._send_control(
                 wire.encode_header(wire.PKT_PONG, self.cid) + bytes(body[: wire.PING_BODY.size])
             )

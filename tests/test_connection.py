@@ -426,3 +426,21 @@ def test_sparse_messages_get_parity_within_the_time_bound(arq_cls):
     # One message, a group that never fills: its parity still left, within ~half an RTT.
     assert net.client.stats()["fec_parity_sent"] == 2
     assert net.client.stats()["fec_groups_timed"] == 1
+
+
+def test_a_replayed_datagram_from_elsewhere_does_not_move_the_session(arq_cls):
+    net = Net(engine=arq_cls, seed=13)
+    net.start()
+    assert net.run_until(net.established)
+    recorded: list[bytes] = []
+    net.client.send(payload(5000, 1))
+    recorded += net.client.datagrams_to_send(net.now)
+    net.link.send(0, recorded[0], net.now)
+    for d in recorded[1:]:
+        net.link.send(0, d, net.now)
+    net.transfer(payload(20_000, 2), b"")
+    before = net.server.peer_address
+    for d in recorded:  # an observer replays them from its own address
+        net.server.receive_datagram(d, ("10.66.6.6", 666), net.now)
+    assert net.server.peer_address == before
+    assert net.server.stats()["migrations"] == 0
