@@ -184,7 +184,8 @@ class _Tunnel:
         self.configuration = _tunnel_configuration(configuration)
         self._log = log
         self._counters = _Counters()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._closing = False
         self._closed = asyncio.get_running_loop().create_future()
         # smux (kcptun) cannot half-close; rudp's own mux can.
         self._half_close = self.configuration.framing == "rudp"
@@ -198,16 +199,22 @@ class _Tunnel:
         return dict(self._counters.values)
 
     async def _track(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run one connection's forwarding so that close() can cancel it."""
-        task = asyncio.current_task()
-        assert task is not None
+        """Run one connection's forwarding as a task that close() can cancel.
+
+        The cancellation stops here: asyncio's own handler task (start_server's)
+        must end normally, or Python 3.11 logs the cancellation as an error.
+        """
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
-            await work
-        finally:
-            self._tasks.discard(task)
+            await task
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
 
     async def _cancel_tasks(self) -> None:
+        self._closing = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
