@@ -60,6 +60,7 @@ NS_A, NS_B = "rudp-a", "rudp-b"
 DEV_A, DEV_B = "veth-a", "veth-b"
 #: Documentation addresses (RFC 5737): they exist only inside the guest's two namespaces.
 ADDR_A, ADDR_B = "192.0.2.1", "192.0.2.2"
+MAC_A, MAC_B = "02:72:75:64:70:0a", "02:72:75:64:70:0b"
 PORT = 47000
 
 _CLONE_NEWNET = 0x40000000
@@ -90,13 +91,24 @@ def _link_exists() -> bool:
 
 
 def _create_link() -> None:
+    """The namespaces and veth pair; quiet, so that every packet netem sees is the test's.
+
+    No IPv6 (router solicitations, MLD reports) and no ARP (static neighbours):
+    otherwise netem's counters and losses would include the odd stray packet.
+    """
     remove_link()
     for ns in (NS_A, NS_B):
         _sh(["ip", "netns", "add", ns])
-    veth = ["ip", "link", "add", DEV_A, "netns", NS_A, "type", "veth"]
-    _sh([*veth, "peer", "name", DEV_B, "netns", NS_B])
-    for ns, dev, addr in ((NS_A, DEV_A, ADDR_A), (NS_B, DEV_B, ADDR_B)):
+        with Netns(ns):
+            for conf in ("all", "default"):
+                with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+                    f.write("1")
+    veth = ["ip", "link", "add", DEV_A, "address", MAC_A, "netns", NS_A, "type", "veth"]
+    _sh([*veth, "peer", "name", DEV_B, "address", MAC_B, "netns", NS_B])
+    ends = ((NS_A, DEV_A, ADDR_A, ADDR_B, MAC_B), (NS_B, DEV_B, ADDR_B, ADDR_A, MAC_A))
+    for ns, dev, addr, peer, peer_mac in ends:
         _sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+        _sh(["ip", "-n", ns, "neigh", "add", peer, "lladdr", peer_mac, "dev", dev])
         _sh(["ip", "-n", ns, "link", "set", dev, "up"])
         _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
         disable_tx_checksum(ns, dev)
