@@ -335,7 +335,7 @@ mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/shm $R/dev/pts && mount -t tmpfs tmpfs $R/dev/shm
-mount -t tmpfs -o mode=0755 tmpfs $R/run
+mkdir -p $R/run && mount -t tmpfs -o mode=0755 tmpfs $R/run
 mkdir -p $R/run/rudp-vm/bin && cp /bin/busybox $R/run/rudp-vm/bin/
 for a in modprobe insmod rmmod lsmod; do ln -s busybox $R/run/rudp-vm/bin/$a; done
 mkdir -p "$R$RUDP_VM_WORKDIR" && mount -o bind /share "$R$RUDP_VM_WORKDIR" \
@@ -405,6 +405,9 @@ def _build_initramfs(assets: KernelAssets, busybox: str) -> Path:
     tmp = target.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(b"".join(parts), compresslevel=6))
     tmp.rename(target)
+    for old in target.parent.glob("initramfs-*.cpio.gz"):  # earlier versions of this code
+        if old != target:
+            old.unlink(missing_ok=True)
     return target
 
 
@@ -745,6 +748,10 @@ class VM:
 def run_in_vm(
     argv: Sequence[str] | str, *, timeout: float = 600.0, **vm_options: object
 ) -> GuestResult:
-    """Boot a VM, run one command, power off. For many commands keep a :class:`VM` instead."""
+    """Boot a VM, run one command, power off. For many commands keep a :class:`VM` instead.
+
+    Result files: pass ``workdir=`` (shared with the guest at the same path) and
+    let the command write there; a VM's own temporary workdir is removed at exit.
+    """
     with VM(**vm_options) as vm:  # type: ignore[arg-type]
         return vm.run(argv, timeout=timeout)

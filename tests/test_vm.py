@@ -20,11 +20,12 @@ import pytest
 import netem
 import netem.vm_probe
 from netem import Impairment
-from netem.vm import VM, VMCommandError, VMUnavailable, vm_available
+from netem.vm import VM, VMCommandError, VMUnavailable, run_in_vm, vm_available
 from netem.vm_fidelity import Comparison, format_table, measure, scenarios
 from netem.vm_probe import flow_stats
 
-pytestmark = pytest.mark.kernel_netem
+# The module fixtures boot the VM and run whole plans; their first test carries that time.
+pytestmark = [pytest.mark.kernel_netem, pytest.mark.timeout(900)]
 
 PROBE = str(Path(netem.vm_probe.__file__).resolve())
 
@@ -89,6 +90,17 @@ def test_guest_runs_this_project_with_the_host_python(netem_vm: VM) -> None:
     out = netem_vm.run_python(code).check().stdout.split()
     assert out[0] == netem_vm.python
     assert out[1] == str(Path(netem.__file__).resolve())
+
+
+def test_one_shot_vm_in_plain_tcg_mode(tmp_path: Path) -> None:
+    """run_in_vm boots its own VM: here without exact timing, so with two vCPUs."""
+    ok, reason = vm_available()
+    if not ok:
+        pytest.skip(f"kernel-netem tier: {reason}")
+    script = f"nproc; tc qdisc add dev lo root netem delay 1ms && echo done > {tmp_path}/out"
+    result = run_in_vm(script, exact_timing=False, workdir=tmp_path).check()
+    assert result.stdout == "2\n"
+    assert (tmp_path / "out").read_text() == "done\n"
 
 
 def test_failing_guest_command_reports_its_stderr(netem_vm: VM) -> None:
