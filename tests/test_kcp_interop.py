@@ -6,7 +6,8 @@ The ``kcp`` package cannot switch ikcp to stream mode, so C KCP always speaks
 message mode: in the stream tests rudp (stream mode) reads C's messages as one
 byte stream, and C reads each of rudp's segments as a message, which
 concatenated must give the stream back. Message tests keep messages within the
-C KCP's 127-fragment limit.
+C KCP's 127-fragment limit. rudp runs with and without redundant bundling
+(``bundle``): the copies are ordinary PUSH segments C KCP acknowledges as duplicates.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import deque
 
 import pytest
 from conftest import transfer
+from test_arq_bundle import thin_stream
 
 import netem
 
@@ -89,7 +91,7 @@ class CKcp:
         return self.inbox.popleft() if self.inbox else None
 
 
-def rudp_engine(arq_cls, mode: str, *, stream: bool, mtu: int = 1400):
+def rudp_engine(arq_cls, mode: str, *, stream: bool, mtu: int = 1400, bundle: int = 0):
     nodelay, interval, resend, nc = MODES[mode]
     return arq_cls(
         CONV,
@@ -101,6 +103,7 @@ def rudp_engine(arq_cls, mode: str, *, stream: bool, mtu: int = 1400):
         resend=resend,
         congestion="none" if nc else "reno",
         stream=stream,
+        bundle=bundle,
     )
 
 
@@ -117,11 +120,12 @@ def chunks(rng: random.Random, total: int, largest: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("bundle", [0, 2], ids=["plain", "bundle2"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rudp_sends_forward", [True, False], ids=["rudp-client", "c-client"])
-def test_stream_both_ways(arq_cls, mode, rudp_sends_forward):
+def test_stream_both_ways(arq_cls, mode, rudp_sends_forward, bundle):
     rng = random.Random(f"{mode}-{rudp_sends_forward}")
-    ours = rudp_engine(arq_cls, mode, stream=True)
+    ours = rudp_engine(arq_cls, mode, stream=True, bundle=bundle)
     theirs = c_engine(mode, ours.mss)
     to_c = chunks(rng, 200_000, 30_000)
     to_rudp = chunks(rng, 200_000, 100 * ours.mss)  # C fragments each into <= 127 segments
@@ -138,10 +142,11 @@ def test_stream_both_ways(arq_cls, mode, rudp_sends_forward):
     assert fwd.lost and rev.lost and fwd.reordered + rev.reordered
 
 
+@pytest.mark.parametrize("bundle", [0, 2], ids=["plain", "bundle2"])
 @pytest.mark.parametrize("mode", MODES)
-def test_messages_both_ways(arq_cls, mode):
+def test_messages_both_ways(arq_cls, mode, bundle):
     rng = random.Random(mode)
-    ours = rudp_engine(arq_cls, mode, stream=False, mtu=600)
+    ours = rudp_engine(arq_cls, mode, stream=False, mtu=600, bundle=bundle)
     theirs = c_engine(mode, ours.mss)
     sizes = [1, 100, ours.mss, ours.mss + 1, 10 * ours.mss, 127 * ours.mss]
     to_c = [rng.randbytes(rng.choice(sizes)) for _ in range(80)]
@@ -152,6 +157,20 @@ def test_messages_both_ways(arq_cls, mode):
     )
     assert got_c == to_c
     assert got_rudp == to_rudp
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_thin_streams_with_bundling(arq_cls, mode):
+    """A small message every 20 ms each way (a game's traffic): rudp bundles copies of
+    its unacknowledged messages, C KCP delivers every message once and in order."""
+    ours = rudp_engine(arq_cls, mode, stream=False, bundle=2)
+    theirs = c_engine(mode, ours.mss)
+    link = netem.VirtualLink(LINK, seed=23)
+    to_c, to_rudp = thin_stream(ours, theirs, link, count=400, interval=20)
+    assert len(to_c) == len(to_rudp) == 400
+    assert ours.stats()["bundled_segs"] > 200
+    fwd, rev = link.stats
+    assert fwd.lost and rev.lost and fwd.reordered + rev.reordered
 
 
 def test_segments_are_what_c_kcp_emits(arq_cls):
