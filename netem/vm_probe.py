@@ -2,9 +2,15 @@
 
 Runs inside the netem VM (see :mod:`netem.vm`), as root, under the host's
 python3; standard library only, so it also works as a plain script
-(``python3 netem/vm_probe.py link|probe|unlink ...``). The statistics
+(``python3 netem/vm_probe.py link|probe|plan|pair|qdisc|unlink ...``): ``plan``
+runs many link + probe scenarios in one process, ``pair`` runs a workload's
+server and client across the link (``rudp sim --backend vm``). The statistics
 (:func:`probe_stats`) are shared with the host, which computes the same
 numbers for the userspace emulator fed the same probe schedule.
+
+The link is quiet: no IPv6, static neighbours (no ARP), and transmit checksum
+offload off so that UDP GSO sends reach netem as single datagrams. Every
+packet netem counts is the test's own.
 
 Why probes measure what netem does and nothing else: both namespaces share the
 guest's one clock; the send time is read just before ``send()`` and the arrival
