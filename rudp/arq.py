@@ -28,7 +28,7 @@ What follows KCP (``ikcp.c``) and what is rudp's own:
   in KCP): a flush that sends new data and leaves room in its last datagram
   fills that room with copies of the oldest unacknowledged segments, so a
   lost small message is usually repaired by the next one, one packet
-  interval later instead of a round trip. See ``Arq._bundle``.
+  interval later instead of a round trip. See ``Arq._bundle_copies``.
 * Congestion control: ``none`` (KCP ``nc=1``) or ``reno`` (KCP's, with its
   growth step applied per newly acknowledged segment rather than per input
   call, so ACK packing does not slow it); retransmissions go out before new
