@@ -82,6 +82,7 @@ class Configuration:
     rto_max: float = 60.0
     fast_limit: int = 5
     dead_link: int = 20
+    bundle: int | None = None
 
     # --- FEC
     fec: FecSetting = "off"
@@ -127,6 +128,8 @@ class Configuration:
         check_range("rto_max", self.rto_max, self.rto_min_effective, 3600.0, float)
         check_range("fast_limit", self.fast_limit, 1, 255)
         check_range("dead_link", self.dead_link, 1, 1000)
+        if self.bundle is not None:
+            check_range("bundle", self.bundle, 0, 8)
         self._check_fec()
         if self.mux is not None:
             check_bool("mux", self.mux)
@@ -185,6 +188,17 @@ class Configuration:
         if self.rto_min is not None:
             return self.rto_min
         return 0.03 if self.nodelay_effective else 0.1
+
+    @property
+    def bundle_effective(self) -> int:
+        """Copies of unacknowledged segments that may ride in a datagram with room.
+
+        On by default in the nodelay modes (fast2, fast3): thin streams of small
+        messages then repair a loss with the next datagram instead of a timeout.
+        """
+        if self.bundle is not None:
+            return self.bundle
+        return 2 if self.nodelay_effective else 0
 
     @property
     def mux_effective(self) -> bool:

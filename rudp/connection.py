@@ -261,6 +261,7 @@ class Connection:
             fast_limit=cfg.fast_limit,
             dead_link=cfg.dead_link,
             max_message=cfg.max_message_size,
+            bundle=cfg.bundle_effective,
         )
         for chunk in self._prebuffer:
             self.engine.send(chunk)
@@ -874,7 +875,7 @@ class Connection:
         dec = self._fec_dec.stats()
         marks = (
             stats["lost_segs"] + stats["fast_retrans_segs"],
-            stats["out_segs"],
+            stats["out_segs"] - stats["bundled_segs"],
             dec["shards_lost"],
             dec["shards_expected"],
         )
