@@ -485,7 +485,7 @@ class VM:
         self.workdir = Path(
             tempfile.mkdtemp(prefix="rudp-vm-") if workdir is None else workdir
         ).resolve()
-        self.python = os.path.realpath(sys.executable)
+        self.python = sys.executable  # not resolved: a venv is known by the path it runs from
         self.kernel_release = ""
         self.boot_seconds = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
