@@ -128,14 +128,12 @@ class Listener:
 
     @staticmethod
     def _is_mid_session(body: memoryview) -> bool:
-        """DATA whose first segment acknowledges something cannot precede the handshake.
+        """DATA that acknowledges our data (una > 0) proves we had this session once.
 
-        Data sent right after INIT may overtake it; that is dropped quietly (the
-        ARQ repeats it) rather than reset.
+        Anything else may be the client's first flight overtaking its INIT on a
+        reordering path: that is dropped quietly (the ARQ repeats it), not reset.
         """
-        if len(body) < wire.KCP_OVERHEAD:
-            return False
-        return wire.KCP_HEADER.unpack_from(body)[6] != 0 or wire.KCP_HEADER.unpack_from(body)[5] > 0
+        return len(body) >= wire.KCP_OVERHEAD and wire.KCP_HEADER.unpack_from(body)[6] != 0
 
     def _receive_init(
         self, body: memoryview, cid: int, addr: Address, now: float, accepting: bool, size: int

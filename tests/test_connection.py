@@ -444,3 +444,29 @@ def test_a_replayed_datagram_from_elsewhere_does_not_move_the_session(arq_cls):
         net.server.receive_datagram(d, ("10.66.6.6", 666), net.now)
     assert net.server.peer_address == before
     assert net.server.stats()["migrations"] == 0
+
+
+def test_first_flight_overtaking_init_is_dropped_quietly_but_a_lost_session_is_reset(arq_cls):
+    listener = Listener(Configuration(), secret=b"k" * 32, engine=arq_cls)
+    early = (
+        wire.encode_header(wire.PKT_DATA, 5)
+        + wire.KcpSegment(5, wire.KCP_CMD_PUSH, 0, 512, 0, 3, 0, b"x").encode()
+    )
+    assert listener.receive_datagram(early, ("10.0.0.1", 1), 1.0) is None
+    assert listener.datagrams_to_send() == []  # reordered ahead of INIT: no reset
+    stale = (
+        wire.encode_header(wire.PKT_DATA, 5)
+        + wire.KcpSegment(5, wire.KCP_CMD_PUSH, 0, 512, 0, 9, 4, b"x").encode()
+    )
+    listener.receive_datagram(stale, ("10.0.0.1", 1), 1.0)
+    [(reset, _)] = listener.datagrams_to_send()  # it acknowledges data we never sent: session lost
+    assert reset[1] == wire.PKT_RESET
+
+
+def test_bulk_over_a_jittery_reordering_link(arq_cls):
+    profile = netem.Profile.from_options(delay="10ms", jitter="5ms", reorder="25%", gap="5")
+    for seed in range(3):
+        net = Net(engine=arq_cls, profile=profile, seed=seed)
+        net.start()
+        data = payload(300_000, seed)
+        assert net.transfer(data, b"")[0] == data
