@@ -11,6 +11,15 @@ loop) is the reference; ``udp-sendmmsg`` and ``udp-gso`` show what batching
 and segmentation offload add. Echo latency is a ping-pong of 64-byte messages
 timed with ``perf_counter_ns`` on the client.
 
+With ``--streams N`` (N > 1) two more rudp rows share one session among N
+streams (``rudp.connect`` + ``open_stream`` N times), each stream sending
+``size / N``: ``rudp-streams`` with every reader reading (aggregate goodput,
+compared with the single-stream ``rudp`` row of the same run), and
+``rudp-streams-stalled`` where the receiver never reads stream 0, so its
+window fills and stays full while the other N - 1 streams go on (their
+aggregate, compared with ``rudp-streams``). Per-stream goodput counts from
+the first send to that stream's last byte.
+
 MB and GB here are 10^6 and 10^9 bytes.
 """
 
@@ -25,6 +34,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -337,6 +347,185 @@ def _rudp_bulk_sender(conn: Any, params: BenchParams, addr: Any) -> dict[str, An
     return _run_async(main, params)
 
 
+#: Each stream of a multi-stream run starts with its index and flags.
+STREAM_HEADER = struct.Struct("<IB")
+STREAM_STALL = 0x01  # the receiver must never read this stream
+
+
+def _rudp_streams_receiver(conn: Any, params: BenchParams) -> dict[str, Any]:
+    return _streams_receiver(conn, params, stalled=False)
+
+
+def _rudp_stalled_receiver(conn: Any, params: BenchParams) -> dict[str, Any]:
+    return _streams_receiver(conn, params, stalled=True)
+
+
+def _streams_receiver(conn: Any, params: BenchParams, stalled: bool) -> dict[str, Any]:
+    """Serve one session; read every stream to EOF, except the one marked to stall."""
+
+    async def main() -> dict[str, Any]:
+        import rudp
+
+        loop = asyncio.get_running_loop()
+        expected = params.streams - stalled
+        per_stream: dict[int, dict[str, Any]] = {}
+        ended: set[int] = set()  # streams read to EOF
+        errors: list[str] = []
+        finished: asyncio.Future[None] = loop.create_future()
+        hold = asyncio.Event()
+        stats: dict[str, Any] = {}
+
+        async def handle(reader: Any, writer: Any) -> None:
+            try:
+                index, flags = STREAM_HEADER.unpack(await reader.readexactly(STREAM_HEADER.size))
+                if flags & STREAM_STALL:
+                    await hold.wait()  # never read: the stream's window fills and stays full
+                    return
+                row = per_stream[index] = {"received": 0, "last": None}
+                while data := await reader.read(1 << 16):
+                    row["received"] += len(data)
+                    row["last"] = time.monotonic()
+                stats.update(writer.get_extra_info("stats"))
+                ended.add(index)
+                if len(ended) == expected and not finished.done():
+                    finished.set_result(None)
+            except (rudp.RudpError, asyncio.IncompleteReadError) as exc:
+                # The sender reports its own errors; this stream is just incomplete.
+                errors.append(repr(exc))
+
+        server = await rudp.serve(
+            LOCALHOST, 0, stream_handler=handle, configuration=params.configuration
+        )
+        sock = server.sockets[0]
+        conn.send(("ready", sock.getsockname()[:2]))
+        cpu0 = _cpu()
+        sender_done = loop.run_in_executor(None, conn.recv)  # ("done",) once the sender ended
+        try:
+            await asyncio.wait(
+                {finished, sender_done},
+                timeout=params.duration + GRACE,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not finished.done():  # the sender gave up (its time ran out): what arrived
+                await asyncio.wait({finished}, timeout=DRAIN_GAP * 4)
+        finally:
+            io = _io_capabilities(sock)
+            hold.set()
+            server.close()
+        rows = [per_stream[i] for i in sorted(per_stream)]
+        lasts = [r["last"] for r in rows if r["last"]]
+        return {
+            "received": sum(r["received"] for r in rows),
+            "last": max(lasts) if lasts else None,
+            "per_stream": rows,
+            "complete": finished.done(),
+            "stream_errors": errors,
+            "cpu": _cpu() - cpu0,
+            "stats": stats,
+            "engine": _engine_name(),
+            "io": io,
+        }
+
+    return _run_async(main, params)
+
+
+def _rudp_streams_sender(conn: Any, params: BenchParams, addr: Any) -> dict[str, Any]:
+    return _streams_sender(params, addr, stalled=False)
+
+
+def _rudp_stalled_sender(conn: Any, params: BenchParams, addr: Any) -> dict[str, Any]:
+    return _streams_sender(params, addr, stalled=True)
+
+
+def _streams_sender(params: BenchParams, addr: Any, stalled: bool) -> dict[str, Any]:
+    """One session, ``streams`` streams written at once; stream 0 is the stalled one if asked."""
+
+    async def main() -> dict[str, Any]:
+        import rudp
+
+        session = await rudp.connect(*addr, configuration=params.configuration)
+        writers = [(await session.open_stream())[1] for _ in range(params.streams)]
+        chunk = os.urandom(64 * 1024)
+        per = params.size // params.streams
+        sent = [0] * params.streams
+        cpu0 = _cpu()
+        start = time.monotonic()
+
+        async def pump(index: int) -> None:
+            writer = writers[index]
+            stall = stalled and index == 0
+            writer.write(STREAM_HEADER.pack(index, STREAM_STALL if stall else 0))
+            while sent[index] < per:
+                piece = chunk[: min(len(chunk), per - sent[index])]
+                writer.write(piece)
+                sent[index] += len(piece)  # accepted: a cancelled drain() loses nothing
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(params.streams)]
+        counted = pumps[1:] if stalled else pumps
+        _, late = await asyncio.wait(counted, timeout=params.duration)
+        end = time.monotonic()
+        for task in late:  # out of time (a drain() may wait forever under smux v1's blocking)
+            task.cancel()
+        if stalled:
+            pumps[0].cancel()
+            writers[0].abort()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for task in counted:
+            if not task.cancelled():
+                task.result()  # a stream's error ends the measurement
+        for index, task in enumerate(pumps):
+            if task in late:
+                with contextlib.suppress(rudp.RudpError):
+                    writers[index].write_eof()  # what was queued still arrives, then EOF
+        stats = session.stats
+        with contextlib.suppress(Exception):  # v1 with a stalled stream cannot close cleanly
+            await asyncio.wait_for(session.close(), min(params.configuration.close_timeout, 2.0))
+        session.abort()
+        return {
+            "sent": sum(sent[1:] if stalled else sent),
+            "per_stream_sent": sent,
+            "start": start,
+            "end": end,
+            "cpu": _cpu() - cpu0,
+            "stats": stats,
+            "engine": _engine_name(),
+        }
+
+    return _run_async(main, params)
+
+
+def _stream_rows(sent: dict[str, Any], got: dict[str, Any], stalled: bool) -> dict[str, Any]:
+    """Per-stream goodput (first send to the stream's last byte) and how evenly it is shared."""
+    start = sent["start"]
+    rates = [
+        r["received"] / (r["last"] - start) / MB if r["last"] and r["last"] > start else 0.0
+        for r in got["per_stream"]
+    ]
+    out: dict[str, Any] = {
+        "streams": len(sent["per_stream_sent"]),
+        "complete": got["complete"],
+        "per_stream_mb_s": rates,
+    }
+    if rates:
+        out.update(
+            per_stream_min_mb_s=min(rates),
+            per_stream_mean_mb_s=sum(rates) / len(rates),
+            per_stream_max_mb_s=max(rates),
+            # Jain's index: 1 when every stream got the same, 1/n when one got everything.
+            fairness=sum(rates) ** 2 / (len(rates) * sum(r * r for r in rates))
+            if any(rates)
+            else 0.0,
+        )
+    if stalled:
+        out["stalled_stream_sent_bytes"] = sent["per_stream_sent"][0]
+    if got.get("stream_errors"):
+        out["stream_errors"] = got["stream_errors"]
+    return out
+
+
 def _udp_echo_server(conn: Any, params: BenchParams) -> dict[str, Any]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((LOCALHOST, 0))
@@ -584,6 +773,8 @@ def _bulk(
         both = {"sender": sent.get(key), "receiver": got.get(key)}
         if any(both.values()):
             out[key] = both
+    if "per_stream" in got:
+        out.update(_stream_rows(sent, got, stalled=receiver_role is _rudp_stalled_receiver))
     return out
 
 
@@ -645,6 +836,16 @@ def _ratios(report: dict[str, Any]) -> dict[str, float | None]:
         "rudp_echo_p99_vs_udp": _ratio(lat("rudp", "p99_us"), lat("udp", "p99_us")),
         "rudp_echo_p50_vs_tcp": _ratio(lat("rudp", "p50_us"), lat("tcp", "p50_us")),
         "tcp_echo_p50_vs_udp": _ratio(lat("tcp", "p50_us"), lat("udp", "p50_us")),
+        # --streams N: N streams of one session against one stream, and N - 1 of them
+        # while the receiver never reads the other one against all N read.
+        "rudp_streams_vs_single": _ratio(good("rudp-streams"), good("rudp")),
+        "rudp_stalled_others_vs_streams": _ratio(
+            good("rudp-streams-stalled"), good("rudp-streams")
+        ),
+        "rudp_stalled_per_stream_vs_streams": _ratio(
+            bulk.get("rudp-streams-stalled", {}).get("per_stream_mean_mb_s"),
+            bulk.get("rudp-streams", {}).get("per_stream_mean_mb_s"),
+        ),
     }
     return {k: v for k, v in ratios.items() if v is not None}
 
@@ -657,6 +858,13 @@ TARGETS: tuple[tuple[str, tuple[str, ...], float, bool], ...] = (
     ("CPU <= 8 s per GB (both ends)", ("bulk", "rudp", "cpu_s_per_gb"), 8.0, False),
     ("idle CPU < 1% of a core", ("idle", "cpu_fraction"), 0.01, False),
     ("idle memory <= 32 KB per connection", ("idle", "bytes_per_connection"), 32 * 1024, False),
+    ("--streams: aggregate >= 0.9 x one stream", ("ratios", "rudp_streams_vs_single"), 0.9, True),
+    (
+        "--streams: one reader stopped, the others keep >= 0.9 x",
+        ("ratios", "rudp_stalled_others_vs_streams"),
+        0.9,
+        True,
+    ),
 )
 
 
@@ -705,6 +913,21 @@ def _steps(params: BenchParams) -> list[tuple[str, str, Callable[[], dict[str, A
             steps.append(
                 ("bulk", "rudp", lambda: _bulk(_rudp_bulk_receiver, _rudp_bulk_sender, params))
             )
+            if params.streams > 1:
+                steps.append(
+                    (
+                        "bulk",
+                        "rudp-streams",
+                        lambda: _bulk(_rudp_streams_receiver, _rudp_streams_sender, params),
+                    )
+                )
+                steps.append(
+                    (
+                        "bulk",
+                        "rudp-streams-stalled",
+                        lambda: _bulk(_rudp_stalled_receiver, _rudp_stalled_sender, params),
+                    )
+                )
     if "echo" in params.tests:
         servers = {"udp": _udp_echo_server, "tcp": _tcp_echo_server, "rudp": _rudp_echo_server}
         for transport in TRANSPORTS:
@@ -724,12 +947,8 @@ def _steps(params: BenchParams) -> list[tuple[str, str, Callable[[], dict[str, A
 def _skip_reason(params: BenchParams, section: str, name: str) -> str | None:
     if name.startswith("udp-") and name != "udp-sendto" and not udp.native_available():
         return "needs the compiled rudp._udp extension (Linux)"
-    if name == "rudp":
-        missing = _rudp_missing()
-        if missing:
-            return missing
-        if section == "bulk" and params.streams > 1:
-            return "--streams > 1 needs the mux stream API, which is not wired into the bench yet"
+    if name.startswith("rudp"):
+        return _rudp_missing()
     return None
 
 
@@ -953,6 +1172,42 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _print_streams(console: Any, bulk: dict[str, Any], ratios: dict[str, float]) -> None:
+    """The --streams rows: per-stream goodput, and the two ratios the targets judge."""
+    from rich.table import Table
+
+    rows = {k: bulk[k] for k in ("rudp-streams", "rudp-streams-stalled") if k in bulk}
+    if not rows:
+        return
+    table = Table(title="streams of one rudp session, goodput MB/s (aggregate and per stream)")
+    for column in ("run", "readers", "aggregate", "min", "mean", "max", "fairness"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for name, row in rows.items():
+        table.add_row(
+            name,
+            str(len(row.get("per_stream_mb_s", []))),
+            _fmt(row["goodput_mb_s"], ".1f"),
+            _fmt(row.get("per_stream_min_mb_s"), ".1f"),
+            _fmt(row.get("per_stream_mean_mb_s"), ".1f"),
+            _fmt(row.get("per_stream_max_mb_s"), ".1f"),
+            _fmt(row.get("fairness"), ".3f"),
+        )
+    console.print(table)
+    stalled = rows.get("rudp-streams-stalled", {})
+    if "stalled_stream_sent_bytes" in stalled:
+        console.print(
+            f"stalled stream: {units.format_size(stalled['stalled_stream_sent_bytes'])} accepted "
+            "from its writer, then held back by its window"
+        )
+    for key, text in (
+        ("rudp_streams_vs_single", "aggregate of all streams / one stream"),
+        ("rudp_stalled_others_vs_streams", "others with one reader stopped / all reading"),
+        ("rudp_stalled_per_stream_vs_streams", "per other stream, stopped / all reading"),
+    ):
+        if key in ratios:
+            console.print(f"{text}: {ratios[key]:.2f}")
+
+
 def _print_report(report: dict[str, Any], verbose: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -973,6 +1228,7 @@ def _print_report(report: dict[str, Any], verbose: int = 0) -> None:
         )
     if bulk:
         console.print(table)
+    _print_streams(console, bulk, ratios)
     if echo:
         ref50, ref99 = echo.get("udp", {}).get("p50_us"), echo.get("udp", {}).get("p99_us")
         table = Table(title=f"echo latency, {ECHO_SIZE}-byte messages")

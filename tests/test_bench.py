@@ -202,3 +202,98 @@ def test_engine_choice_reaches_the_children(monkeypatch):
     bench.run_bench(params)
     assert seen["engine"] == "python"
     assert "RUDP_ENGINE" not in os.environ  # restored
+
+
+# ---------------------------------------------------------------------------- --streams
+
+
+def test_streams_rows_real_run(capsys):
+    """--streams 4 on a tiny transfer: every stream counted, and the stalled one held back
+    by its window (small buffers) while the other three completed."""
+    argv = ["--size", "2M", "--duration", "20s", "--transports", "rudp", "--tests", "bulk"]
+    assert bench.run(parse([*argv, "--streams", "4", "--stream-buffer", "64K", "--json"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["errors"] == []
+    bulk = report["bulk"]
+    assert set(bulk) == {"rudp", "rudp-streams", "rudp-streams-stalled"}
+    size, per = 2 * 1024 * 1024, 2 * 1024 * 1024 // 4
+    every = bulk["rudp-streams"]
+    assert every["complete"] and every["streams"] == 4
+    assert every["received_bytes"] == every["sent_bytes"] == size
+    assert len(every["per_stream_mb_s"]) == 4 and min(every["per_stream_mb_s"]) > 0
+    assert 0.25 <= every["fairness"] <= 1.0
+    stalled = bulk["rudp-streams-stalled"]
+    assert stalled["complete"] and len(stalled["per_stream_mb_s"]) == 3
+    assert stalled["received_bytes"] == stalled["sent_bytes"] == 3 * per
+    assert 0 < stalled["stalled_stream_sent_bytes"] < per  # its window held it back
+    ratios = report["ratios"]
+    for key in (
+        "rudp_streams_vs_single",
+        "rudp_stalled_others_vs_streams",
+        "rudp_stalled_per_stream_vs_streams",
+    ):
+        assert ratios[key] > 0, key
+    names = {t["name"] for t in report["targets"]}
+    assert {n for n in names if n.startswith("--streams")} == {
+        "--streams: aggregate >= 0.9 x one stream",
+        "--streams: one reader stopped, the others keep >= 0.9 x",
+    }
+
+
+def test_streams_v1_head_of_line_blocking_is_reported_not_hung(capsys):
+    """smux v1 has one session-wide buffer: a stopped reader stalls every stream. The run
+    ends at --duration and says the others did not complete (v2 above: they do)."""
+    argv = ["--size", "16M", "--duration", "1s", "--transports", "rudp", "--tests", "bulk"]
+    extra = ["--streams", "2", "--smux-version", "1", "--session-buffer", "1M"]
+    extra += ["--stream-buffer", "256K", "--json"]
+    assert bench.run(parse([*argv, *extra])) == 0
+    stalled = json.loads(capsys.readouterr().out)["bulk"]["rudp-streams-stalled"]
+    assert stalled["complete"] is False
+    assert stalled["received_bytes"] < stalled["sent_bytes"]
+
+
+def test_stream_rows_per_stream_goodput_and_fairness():
+    sent = {"start": 100.0, "per_stream_sent": [4_000_000, 2_000_000, 2_000_000]}
+    got = {
+        "complete": True,
+        "per_stream": [
+            {"received": 2_000_000, "last": 101.0},
+            {"received": 2_000_000, "last": 102.0},
+        ],
+    }
+    rows = bench._stream_rows(sent, got, stalled=True)
+    assert rows["per_stream_mb_s"] == [2.0, 1.0]
+    assert rows["per_stream_min_mb_s"] == 1.0 and rows["per_stream_max_mb_s"] == 2.0
+    assert rows["per_stream_mean_mb_s"] == 1.5
+    assert rows["fairness"] == pytest.approx(9 / 10)  # (2+1)^2 / (2 * (4+1))
+    assert rows["stalled_stream_sent_bytes"] == 4_000_000
+    assert rows["streams"] == 3
+
+
+def test_streams_ratios_and_targets():
+    report = {
+        "bulk": {
+            "rudp": {"goodput_mb_s": 100.0},
+            "rudp-streams": {"goodput_mb_s": 95.0, "per_stream_mean_mb_s": 95.0 / 8},
+            "rudp-streams-stalled": {"goodput_mb_s": 80.0, "per_stream_mean_mb_s": 80.0 / 7},
+        }
+    }
+    report["ratios"] = bench._ratios(report)
+    assert report["ratios"]["rudp_streams_vs_single"] == pytest.approx(0.95)
+    assert report["ratios"]["rudp_stalled_others_vs_streams"] == pytest.approx(80 / 95)
+    assert report["ratios"]["rudp_stalled_per_stream_vs_streams"] == pytest.approx(
+        (80 / 7) / (95 / 8)
+    )
+    results = {t["name"]: t["ok"] for t in bench._targets(report)}
+    assert results == {
+        "--streams: aggregate >= 0.9 x one stream": True,
+        "--streams: one reader stopped, the others keep >= 0.9 x": False,
+    }
+
+
+def test_streams_table_output(capsys):
+    argv = ["--size", "1M", "--transports", "rudp", "--tests", "bulk", "--streams", "2"]
+    assert bench.run(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "streams of one rudp session" in out
+    assert "others with one reader stopped / all reading" in out
