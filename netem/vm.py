@@ -44,6 +44,7 @@ import platform
 import queue
 import shlex
 import shutil
+import socket
 import stat
 import struct
 import subprocess
@@ -450,6 +451,42 @@ def prepare(*, install: bool = True) -> KernelAssets:
 # The VM
 
 
+class _Monitor:
+    """A minimal QMP client: enough to pause and resume the guest."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        while True:  # qemu creates the socket early in its start-up
+            try:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.connect(str(path))
+                break
+            except OSError:
+                self._sock.close()
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise VMError("qemu's monitor socket never appeared") from None
+                time.sleep(0.05)
+        self._sock.settimeout(max(1.0, deadline - time.monotonic()))
+        self._file = self._sock.makefile("rb")
+        self._file.readline()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str) -> None:
+        self._sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+        while True:  # skip asynchronous events
+            line = self._file.readline()
+            if not line:
+                raise VMError(f"qemu's monitor closed during {command}")
+            reply = json.loads(line)
+            if "error" in reply:
+                raise VMError(f"qemu's monitor refused {command}: {reply['error']}")
+            if "return" in reply:
+                return
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
 class VM:
     """One booted guest running real netem; commands go in, results come back.
 
@@ -460,6 +497,11 @@ class VM:
     ``exact_timing`` (default) runs one virtual CPU with a virtual clock
     (``-icount``): slower, but delays measured inside are exact whatever the
     host load. Without it the guest uses two vCPUs and the host's clock.
+
+    Between commands the guest is paused (``pause_idle``): an idle guest with
+    a virtual clock would otherwise spin a host CPU racing through its timers.
+    So nothing runs in the guest between two :meth:`run` calls, and its clock
+    stands still.
     """
 
     def __init__(
@@ -471,6 +513,7 @@ class VM:
         boot_timeout: float = 240.0,
         workdir: str | os.PathLike[str] | None = None,
         install: bool = True,
+        pause_idle: bool = True,
     ) -> None:
         if not 256 <= memory_mb <= 16384:
             raise ValueError(f"memory_mb must be in [256, 16384], got {memory_mb!r}")
@@ -481,6 +524,7 @@ class VM:
         self.modules = tuple(modules)
         self.boot_timeout = boot_timeout
         self.install = install
+        self.pause_idle = pause_idle
         self._own_workdir = workdir is None
         self.workdir = Path(
             tempfile.mkdtemp(prefix="rudp-vm-") if workdir is None else workdir
@@ -493,6 +537,8 @@ class VM:
         self._lock = threading.Lock()
         self._next_id = 0
         self._dead: str | None = None
+        self._private: Path | None = None  # qemu's monitor socket (a short path: AF_UNIX)
+        self._monitor: _Monitor | None = None
 
     # -- lifecycle --
 
@@ -542,6 +588,8 @@ class VM:
             "stdio,id=ctl,signal=off",
             "-device",
             "virtserialport,chardev=ctl,name=rudp.ctl",
+            "-qmp",
+            f"unix:{self._private}/qmp,server=on,wait=off",
         ]
         if self.exact_timing:
             argv += ["-accel", "tcg", "-smp", "1", "-icount", "shift=auto,sleep=off"]
@@ -576,6 +624,7 @@ class VM:
             return self
         assets = prepare(install=self.install)
         self._write_boot_files()
+        self._private = Path(tempfile.mkdtemp(prefix="rudp-vm-"))
         started = time.monotonic()
         self._proc = subprocess.Popen(
             self._qemu_argv(assets),
@@ -585,9 +634,12 @@ class VM:
         )
         threading.Thread(target=self._pump, name="netem-vm-reader", daemon=True).start()
         try:
+            if self.pause_idle:
+                self._monitor = _Monitor(Path(f"{self._private}/qmp"), self._proc, started + 60)
             hello = self._receive(started + self.boot_timeout, "boot")
             if not hello.get("ready"):
                 raise VMError(f"the guest agent sent {hello!r} instead of its greeting")
+            self._pause()
         except BaseException:
             self.close()
             raise
@@ -595,6 +647,14 @@ class VM:
         self.boot_seconds = time.monotonic() - started
         log.info("netem.vm: booted %s in %.1f s", self.kernel_release, self.boot_seconds)
         return self
+
+    def _pause(self) -> None:
+        if self._monitor is not None and self.alive:
+            self._monitor.execute("stop")
+
+    def _resume(self) -> None:
+        if self._monitor is not None:
+            self._monitor.execute("cont")
 
     def _pump(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -645,10 +705,15 @@ class VM:
 
     def _kill(self, why: str) -> None:
         self._dead = why
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=10)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
 
     def close(self, timeout: float = 30.0) -> None:
         """Power the guest off (kill it if it does not stop) and remove our own workdir."""
@@ -657,6 +722,7 @@ class VM:
             deadline = time.monotonic() + timeout
             try:
                 with self._lock:
+                    self._resume()
                     request_id = self._take_id()
                     self._send({"id": request_id, "exit": True})
                     # Wait for the goodbye before closing stdin: qemu may drop what is
@@ -716,6 +782,7 @@ class VM:
         with self._lock:
             request_id = self._take_id()
             started = time.monotonic()
+            self._resume()
             self._send(
                 {
                     "id": request_id,
@@ -729,6 +796,7 @@ class VM:
                 reply = self._receive(started + timeout, f"`{shlex.join(args)[:200]}`")
                 if reply.get("id") == request_id:
                     break
+            self._pause()
         return GuestResult(
             argv=tuple(args),
             returncode=int(reply["rc"]),

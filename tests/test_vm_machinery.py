@@ -120,12 +120,12 @@ GREET = 'print(json.dumps({"ready": True, "kernel": "0-test"}), flush=True)\n'
 def test_vm_that_dies_during_boot_reports_qemu_stderr(fake_qemu) -> None:
     fake_qemu('sys.stderr.write("qemu: could not load kernel\\n"); sys.exit(1)\n')
     with pytest.raises(VMError, match="could not load kernel"):
-        VM(boot_timeout=30).start()
+        VM(boot_timeout=30, pause_idle=False).start()
 
 
 def test_vm_that_never_boots_times_out_and_is_killed(fake_qemu) -> None:
     fake_qemu("time.sleep(60)\n")
-    vm = VM(boot_timeout=1)
+    vm = VM(boot_timeout=1, pause_idle=False)
     with pytest.raises(VMTimeout, match="boot"):
         vm.start()
     assert not vm.alive and vm._proc is not None and vm._proc.poll() is not None
@@ -150,7 +150,7 @@ def test_commands_round_trip_and_a_hung_command_kills_the_vm(fake_qemu) -> None:
         """
         )
     )
-    vm = VM(boot_timeout=30).start()
+    vm = VM(boot_timeout=30, pause_idle=False).start()
     assert vm.kernel_release == "0-test"
     result = vm.run(["echo", "hi"], input="in")
     assert (result.returncode, result.stdout, result.stderr) == (0, "echo hi", "in")
