@@ -48,7 +48,8 @@ cdef class Congestion:
 cdef class Arq:
     # configuration
     cdef readonly uint32_t conv
-    cdef readonly int mtu, mss, snd_wnd, rcv_wnd, bundle
+    cdef readonly int mtu, mss, snd_wnd, rcv_wnd
+    cdef int _bundle
     cdef int nodelay, interval, resend, rto_min, rto_max, fast_limit, dead_link
     cdef readonly bint stream, pacing
     cdef size_t max_message

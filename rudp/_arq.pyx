@@ -307,7 +307,7 @@ cdef class Arq:
         self.fast_limit = fast_limit
         self.dead_link = dead_link
         self.max_message = max_message
-        self.bundle = bundle
+        self._bundle = bundle
         self.cc = Reno(self.mss, snd_wnd) if congestion == "reno" else Congestion(self.mss, snd_wnd)
 
         self.has_rtt = False
@@ -847,7 +847,7 @@ cdef class Arq:
         if not self._dead:
             admitted = self.snd_nxt
             self.admit(now, self.limit(), wnd, una)
-            if self.bundle and admitted != self.snd_nxt and not self._dead:
+            if self._bundle and admitted != self.snd_nxt and not self._dead:
                 self.bundle_copies(now, wnd, una)
         self.end_datagram()
         if self.st[S_OUT_SEGS] != emitted:
@@ -871,7 +871,7 @@ cdef class Arq:
         while sn != self.snd_nxt and room >= <size_t>OVERHEAD:
             seg = self.flight[sn & self.snd_mask]
             sn += 1
-            if seg == NULL or seg.ts == now or seg.bundled >= self.bundle:
+            if seg == NULL or seg.ts == now or seg.bundled >= self._bundle:
                 continue
             need = OVERHEAD + seg.len
             if need > room:
@@ -1086,6 +1086,17 @@ cdef class Arq:
         self.rcv_nxt = rcv_nxt
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def bundle(self):
+        """Redundant copies bundling may send of each segment (0: off); settable, so a
+        connection can stop bundling while FEC parity does the job."""
+        return self._bundle
+
+    @bundle.setter
+    def bundle(self, value):
+        spec.check_range("bundle", value, 0, spec.BUNDLE_MAX)
+        self._bundle = value
 
     @property
     def srtt(self):

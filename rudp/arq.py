@@ -938,8 +938,14 @@ class Arq:
 
     @property
     def bundle(self) -> int:
-        """Redundant copies bundling may send of each segment (0: bundling is off)."""
+        """Redundant copies bundling may send of each segment (0: off); settable, so a
+        connection can stop bundling while FEC parity does the job."""
         return self._bundle
+
+    @bundle.setter
+    def bundle(self, value: int) -> None:
+        check_range("bundle", value, 0, BUNDLE_MAX)
+        self._bundle = value
 
     @property
     def srtt(self) -> int:

@@ -66,10 +66,7 @@ def _field_parser(field: dataclasses.Field[Any]) -> Callable[[Any], Any]:
         return lambda v: units.parse_size(v, name)
     if name == "fec":
         return lambda v: v if isinstance(v, list | tuple) else _parse_fec(str(v))
-    if (isinstance(field.default, int) and not isinstance(field.default, bool)) or name in (
-        "nodelay",
-        "resend",
-    ):
+    if str(field.type).startswith("int"):
         return lambda v: int(v) if not isinstance(v, str) else int(units.parse_size(v, name))
     return lambda v: v
 

@@ -85,7 +85,7 @@ class Configuration:
     bundle: int | None = None
 
     # --- FEC
-    fec: FecSetting = "off"
+    fec: FecSetting = "auto"
 
     # --- session (mux)
     mux: bool | None = None
@@ -194,7 +194,8 @@ class Configuration:
         """Copies of unacknowledged segments that may ride in a datagram with room.
 
         On by default in the nodelay modes (fast2, fast3): thin streams of small
-        messages then repair a loss with the next datagram instead of a timeout.
+        messages then repair a loss with the next datagram instead of a timeout. The
+        connection pauses it while FEC parity is being sent, which does that job.
         """
         if self.bundle is not None:
             return self.bundle

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import random
+import struct
 from collections import deque
 from typing import Any
 
@@ -437,7 +438,7 @@ class Connection:
         body = memoryview(data)[wire.RUDP_OVERHEAD :]
         try:
             self._dispatch(ptype, body, addr, now)
-        except ValueError:
+        except (ValueError, struct.error):  # a truncated or malformed body
             self._counters["in_errors"] += 1
 
     def _dispatch(self, ptype: int, body: memoryview, addr: Address, now: float) -> None:
@@ -818,7 +819,9 @@ class Connection:
         assert enc is not None
         self._measure_loss(now)
         if self._fec_ctl is not None and not self._fec_ctl.active and enc.next_deadline() is None:
+            self.engine.bundle = self.configuration.bundle_effective
             return [self._header + d for d in payloads]  # auto mode, clean link: no FEC at all
+        self.engine.bundle = 0  # parity repairs thin streams: copies would be redundant twice
         enc.max_delay = self._fec_delay()
         ms = self._ms(now)
         data_header = wire.encode_header(wire.PKT_DATA_FEC, self.cid)
@@ -832,6 +835,10 @@ class Connection:
             )
             if parity:
                 out.extend(self._encode_parity(parity))
+        if self.engine.waitsnd == self.engine.inflight:
+            # Nothing more is queued: the application paused, so the group will not
+            # fill soon. Protect it now; waiting only delays the repair.
+            out.extend(self._encode_parity(enc.flush()))
         return out
 
     def _encode_parity(self, parity: list) -> list[bytes]:

@@ -381,7 +381,9 @@ class FecController:
     Model: packets are lost independently with probability p; a group of k' data and m
     parity packets cannot be repaired when more than m of its k' + m packets are lost.
     ``parity_for(k')`` is the smallest m that keeps that probability at or below
-    ``target``, capped at ``max_parity``. Below ``off_below`` loss there is no parity at
+    ``target`` — or ``partial_target`` for a group closed before it filled (sparse,
+    latency-critical traffic, where a loss left to the ARQ costs a whole timeout rather
+    than a little throughput) — capped at ``max_parity``. Below ``off_below`` loss there is no parity at
     all (and data packets carry no FEC header), so a clean link pays nothing; it turns
     back on at ``on_above`` (two thresholds, so a rate near one does not flap).
 
@@ -395,12 +397,14 @@ class FecController:
         *,
         max_parity: int = 8,
         target: float = 0.01,
+        partial_target: float = 0.001,
         on_above: float = 0.005,
         off_below: float = 0.002,
     ) -> None:
         _check_int("max_parity", max_parity, 1, 254)
-        if not 0.0 < target < 1.0:
-            raise ValueError(f"target must be in (0, 1), got {target!r}")
+        for name, value in (("target", target), ("partial_target", partial_target)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
         if not 0.0 <= off_below <= on_above <= 1.0:
             raise ValueError(
                 f"need 0 <= off_below <= on_above <= 1, got off_below={off_below!r}, "
@@ -408,11 +412,12 @@ class FecController:
             )
         self.max_parity = max_parity
         self.target = target
+        self.partial_target = partial_target
         self.on_above = on_above
         self.off_below = off_below
         self.loss_rate = 0.0
         self.active = False
-        self._memo: dict[int, int] = {}
+        self._memo: dict[tuple[int, bool], int] = {}
 
     def update(self, loss_rate: float) -> None:
         """Take a new measurement of the raw loss rate (a fraction in [0, 1])."""
@@ -426,19 +431,21 @@ class FecController:
             self.loss_rate = loss_rate
             self._memo.clear()
 
-    def parity_for(self, count: int) -> int:
-        """Parity packets for a group of ``count`` data packets (0 while inactive)."""
+    def parity_for(self, count: int, partial: bool = False) -> int:
+        """Parity packets for a group of ``count`` data packets (0 while inactive);
+        ``partial``: the group closed before it filled."""
         if not self.active:
             return 0
-        m = self._memo.get(count)
+        m = self._memo.get((count, partial))
         if m is None:
             limit = max(1, min(self.max_parity, 255 - count))
             p = max(self.loss_rate, self.off_below)
+            target = self.partial_target if partial else self.target
             m = next(
-                (m for m in range(1, limit) if _binomial_tail(count + m, p, m) <= self.target),
+                (m for m in range(1, limit) if _binomial_tail(count + m, p, m) <= target),
                 limit,
             )
-            self._memo[count] = m
+            self._memo[(count, partial)] = m
         return m
 
 
@@ -487,9 +494,9 @@ class FecEncoder:
             0,
         )
 
-    def _parity_for(self, count: int) -> int:
+    def _parity_for(self, count: int, partial: bool = False) -> int:
         if isinstance(self.parity, FecController):
-            return self.parity.parity_for(count)
+            return self.parity.parity_for(count, partial)
         return min(self.parity, 255 - count)
 
     def add(self, payload: bytes, now: int) -> tuple[FecTag | None, list[ParityPacket]]:
@@ -534,7 +541,7 @@ class FecEncoder:
         group, self._group = self._group, (self._group + 1) % GROUP_MODULUS
         self.counters[reason] += 1
         count = len(shards)
-        m = self._parity_for(count)
+        m = self._parity_for(count, partial=count < self.data_shards)
         if m == 0:  # the controller switched parity off while the group filled
             return []
         parity = _shared_codec(count, m, self.engine).encode(shards)

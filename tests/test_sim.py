@@ -123,7 +123,9 @@ def test_virtual_backend_runs_rudp_and_kcp_deterministically(capsys):
         r = first["results"][protocol]
         assert r["delivered"] == "150/150"
         assert r["latency_ms"]["p50"] >= 25.0  # the profile's one-way delay
-        assert r["latency_ms"]["max"] > 60  # 10% loss: some messages waited for a retransmission
+        assert (
+            r["latency_ms"]["max"] > r["latency_ms"]["p50"]
+        )  # 10% loss: some messages waited for repair
         assert r["retransmissions"] > 0
         assert 1 < r["overhead"] < 20
     assert "TCP lives in the kernel" in first["skipped"]["tcp"]
