@@ -127,7 +127,7 @@ def test_virtual_backend_runs_rudp_and_kcp_deterministically(capsys):
             r["latency_ms"]["max"] > r["latency_ms"]["p50"]
         )  # 10% loss: some messages waited for repair
         assert r["retransmissions"] > 0
-        assert 1 < r["overhead"] < 20
+        assert 1 < r["overhead"] < 40  # 16-byte payloads: headers, ACKs and (rudp) FEC parity
     assert "TCP lives in the kernel" in first["skipped"]["tcp"]
     assert first["results"] == second["results"]  # virtual time: exactly replayable
 
