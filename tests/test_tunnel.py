@@ -84,8 +84,9 @@ FRAMINGS = pytest.mark.parametrize(
         Configuration(framing="kcp-go", smux_version=1),
         Configuration(framing="kcp-go", smux_version=2),
         Configuration(framing="kcp"),  # bare KCP: the tunnel switches the mux on
+        Configuration(fec=(10, 3), smux_version=1),
     ],
-    ids=["rudp", "kcp-go-v1", "kcp-go-v2", "kcp"],
+    ids=["rudp", "kcp-go-v1", "kcp-go-v2", "kcp", "rudp-fec-v1"],
 )
 
 
