@@ -163,6 +163,63 @@ def test_commands_round_trip_and_a_hung_command_kills_the_vm(fake_qemu) -> None:
     vm.close()
 
 
+def test_guest_is_paused_between_commands(fake_qemu, tmp_path: Path) -> None:
+    """The fake serves qemu's monitor (QMP) and logs each command against the agent's traffic."""
+    log = tmp_path / "events"
+    fake_qemu(
+        textwrap.dedent(
+            f"""\
+        import socket, threading
+        events = open({str(log)!r}, "a", buffering=1)
+        path = [a for a in sys.argv if a.startswith("unix:")][0][5:].split(",")[0]
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        server.listen(1)
+
+        def monitor():
+            conn, _ = server.accept()
+            f = conn.makefile("rwb", buffering=0)
+            f.write(b'{{"QMP": {{}}}}\\n')
+            for line in f:
+                events.write(json.loads(line)["execute"] + "\\n")
+                f.write(b'{{"event": "NOISE"}}\\n{{"return": {{}}}}\\n')
+
+        threading.Thread(target=monitor, daemon=True).start()
+        time.sleep(0.2)
+        """
+        )
+        + GREET
+        + textwrap.dedent(
+            """\
+        for line in sys.stdin:
+            req = json.loads(line)
+            events.write("exit\\n" if req.get("exit") else "run\\n")
+            if req.get("exit"):
+                print(json.dumps({"id": req["id"], "bye": True}), flush=True)
+                break
+            print(json.dumps({"id": req["id"], "rc": 0, "stdout": "", "stderr": "",
+                              "guest_seconds": 0}), flush=True)
+        """
+        )
+    )
+    vm = VM(boot_timeout=30).start()
+    vm.run("true")
+    vm.run("true")
+    vm.close()
+    assert log.read_text().split() == [
+        "qmp_capabilities",
+        "stop",  # booted: paused until there is work
+        "cont",
+        "run",
+        "stop",
+        "cont",
+        "run",
+        "stop",
+        "cont",  # woken to power off
+        "exit",
+    ]
+
+
 # --- probe statistics ---------------------------------------------------------------------------
 
 
