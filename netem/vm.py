@@ -22,7 +22,8 @@ How (nothing is installed into the host, and no root filesystem is built):
   I/O, and skips idle time): measure inside the guest, warm up before timing,
   and never compare the two clocks.
 * An agent (:mod:`netem.vm_guest`) takes commands over a virtio-serial port, so
-  one boot serves many commands: :class:`VM` is the handle.
+  one boot serves many commands: :class:`VM` is the handle. Between commands
+  the guest is paused through qemu's monitor, so an idle VM costs no CPU.
 
 Typical use::
 
