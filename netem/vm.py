@@ -29,6 +29,10 @@ Typical use::
 
     with VM() as vm:
         result = vm.run(["tc", "qdisc", "show"]).check()
+
+Built on it: ``pytest -m kernel_netem`` (tests/test_vm.py), the emulator's
+fidelity table (``python -m netem.vm_fidelity``) and ``rudp sim --backend vm``
+(:mod:`netem.vm_backend`).
 """
 
 from __future__ import annotations
