@@ -206,7 +206,8 @@ class Endpoint:
             if conn.state is ConnectionState.TERMINATED:
                 self.connections.pop(key, None)
                 self.handlers.pop(key, None)
-                self._armed.pop(key, None)
+            if self._armed.pop(key, None) is not None:
+                self._arm_loop_timer()  # its entry is stale now: wake for the others only
             return
         armed = self._armed.get(key)
         if armed is None or deadline < armed:
@@ -215,15 +216,19 @@ class Endpoint:
             self._arm_loop_timer()
 
     def _arm_loop_timer(self) -> None:
-        if not self._heap:
-            return
-        first = self._heap[0][0]
-        if self._timer_at is not None and self._timer_at <= first:
+        """Arm the loop timer for the earliest live deadline, or cancel it when there is none."""
+        heap, armed = self._heap, self._armed
+        while heap and armed.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # superseded, or its connection has nothing due any more
+        first = heap[0][0] if heap else None
+        if first == self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = first
-        self._timer = self.loop.call_at(first, self._on_timer)
+        self._timer = self._timer_at = None
+        if first is not None:
+            self._timer_at = first
+            self._timer = self.loop.call_at(first, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
