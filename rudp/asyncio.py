@@ -1018,15 +1018,16 @@ async def serve(
     configuration: Configuration | None = None,
     limit: int = DEFAULT_LIMIT,
     reuse_port: bool = False,
-    accepting: Callable[[], bool] | None = None,
+    queued: Callable[[], int] | None = None,
 ) -> Server:
     """Serve rudp sessions on ``host:port``.
 
     ``connection_handler(session)`` runs for each new connection;
     ``stream_handler(reader, writer)`` for each stream a peer opens (without
-    it, streams wait for ``session.accept_stream()``). While ``accepting()``
-    returns False (say, the application's own accept queue is full), new
-    clients are refused cleanly, as when ``Configuration.backlog`` is reached.
+    it, streams wait for ``session.accept_stream()``). Sessions whose handler
+    has not started yet, plus ``queued()`` (those the application holds in an
+    accept queue of its own), count against ``Configuration.backlog``: while
+    it is reached, new clients are refused cleanly.
     """
     config = configuration or Configuration()
     loop = asyncio.get_running_loop()
@@ -1066,7 +1067,7 @@ async def serve(
         config,
         listener=listener,
         on_accept=on_accept,
-        can_accept=lambda: len(pending) < config.backlog and (accepting is None or accepting()),
+        can_accept=lambda: len(pending) + (queued() if queued else 0) < config.backlog,
     )
     return Server(endpoint, drivers)
 
