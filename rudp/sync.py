@@ -639,9 +639,8 @@ class Server:
     Closing the server resets its connections: they share its socket.
     """
 
-    def __init__(self, portal: _LoopThread, backlog: int) -> None:
+    def __init__(self, portal: _LoopThread) -> None:
         self._portal = portal
-        self._backlog = backlog
         self._queue: deque[rudp_asyncio.Session] = deque()
         self._arrived: asyncio.Event | None = None
         self._server: rudp_asyncio.Server | None = None
@@ -658,12 +657,9 @@ class Server:
             port,
             connection_handler=self._on_session,
             configuration=configuration,
-            accepting=self._has_room,
+            queued=self._queue.__len__,  # counts against the backlog
         )
         self._address = self._server.addresses()[0]
-
-    def _has_room(self) -> bool:
-        return not self._closed and len(self._queue) < self._backlog
 
     def _on_session(self, session: rudp_asyncio.Session) -> None:
         if self._closed:
@@ -759,6 +755,6 @@ def serve(
     """Listen for rudp connections on ``host:port``; see :class:`Server`."""
     config = configuration or Configuration()
     portal = _LoopThread.get()
-    server = Server(portal, config.backlog)
+    server = Server(portal)
     portal.run(server._start, host, port, config)
     return server

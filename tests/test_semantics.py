@@ -51,13 +51,13 @@ async def serve_sessions(config=FAST, **kwargs) -> tuple[rudp.Server, int, async
 
 @run
 async def test_an_application_accept_queue_refuses_clients_while_full():
-    queue: asyncio.Queue[rudp.Session] = asyncio.Queue(maxsize=2)
+    queue: asyncio.Queue[rudp.Session] = asyncio.Queue()
     server = await rudp.serve(
         "127.0.0.1",
         0,
         connection_handler=queue.put_nowait,
-        configuration=FAST,
-        accepting=lambda: not queue.full(),
+        configuration=FAST.replace(backlog=2),
+        queued=queue.qsize,  # sessions the application has not taken count as backlog
     )
     async with server:
         port = server.addresses()[0][1]
