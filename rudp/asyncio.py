@@ -154,13 +154,33 @@ class _Stream:
 
 
 class _RawStream(_Stream):
-    """The connection's own byte stream, no mux (the ``kcp`` framing, or ``mux=False``)."""
+    """The connection's own stream, no mux (the ``kcp`` framing, ``mux=False``, message mode).
+
+    In message mode a read returns at most one message: the next one, or, when
+    it is longer than asked, its next part (the rest follows, alone).
+    """
+
+    def __init__(self, driver: _Driver) -> None:
+        super().__init__(driver)
+        self.messages = driver.config.message_mode
+        self.rest = b""  # message mode: the unread part of the current message
+
+    def _next(self, n: int) -> bytes:
+        conn = self.driver.conn
+        if not self.messages:
+            return conn.read(n)
+        data = self.rest or conn.read_message() or b""
+        if 0 <= n < len(data):
+            data, self.rest = data[:n], data[n:]
+        else:
+            self.rest = b""
+        return data
 
     def read_now(self, n: int) -> bytes | None:
         conn = self.driver.conn
         if self.eof:
             return b""
-        data = conn.read(n)
+        data = self._next(n)
         if data:
             self.driver.touch()  # the receive window reopened: tell the peer
             return data
@@ -551,7 +571,7 @@ class _Driver:
 
     def _connected(self) -> None:
         conn, config = self.conn, self.config
-        if config.mux_effective:
+        if config.mux_effective and not config.message_mode:  # the mux needs a byte stream
             rudp_framing = config.framing == "rudp"
             self.mux = muxlib.Session(
                 client=conn.is_client,
