@@ -29,6 +29,10 @@ A timeout never loses data:
 Writes from many threads on one stream are serialised per call: the bytes of
 one ``send``/``sendall`` are never interleaved with another call's.
 
+With ``Configuration(message_mode=True)`` boundaries are kept: each
+``send``/``sendall`` is one message, and each ``recv`` returns at most one
+(the next, or its next part when it is longer than asked).
+
 ``close()`` on a :class:`Connection` is graceful and waits until the peer has
 acknowledged everything written (the loop thread is a daemon: a program that
 exits without closing may lose what was still queued). ``close()`` on a
@@ -255,8 +259,12 @@ class Stream:
         self._pair = pair
         writer = pair[1]
         config: Configuration = writer.get_extra_info("connection").configuration
-        mux = writer.get_extra_info("stream_id") is not None
-        self._chunk = config.stream_buffer if mux else config.send_buffer
+        if writer.get_extra_info("stream_id") is not None:
+            self._chunk = config.stream_buffer
+        elif config.message_mode:
+            self._chunk = config.max_message_size  # one call, one message: never split
+        else:
+            self._chunk = config.send_buffer
 
     async def _op(self, coro: Coroutine[Any, Any, T], reading: bool = False) -> T:
         """Run one blocking call so that close() (and, for reads, shutdown()) can wake it."""

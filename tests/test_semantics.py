@@ -113,6 +113,39 @@ async def test_configured_backlog_refuses_handshakes_beyond_it():
     server.close()
 
 
+# ------------------------------------------------------------------ reading
+
+
+@pytest.mark.parametrize("mux", [None, False])
+@run
+async def test_message_mode_keeps_boundaries(mux):
+    config = FAST.replace(message_mode=True, mux=mux)
+    messages = [b"a", os.urandom(5000), os.urandom(300_000), b"0123456789", b"next"]
+    done = asyncio.Event()
+
+    async def handler(reader, writer):
+        for message in messages:
+            writer.write(message)  # one write, one message
+        await writer.drain()
+        await done.wait()
+        writer.close()
+
+    server = await rudp.start_server(handler, "127.0.0.1", 0, configuration=config)
+    async with server:
+        reader, writer = await rudp.open_connection(
+            "127.0.0.1", server.addresses()[0][1], configuration=config
+        )
+        got = [await reader.read(1 << 20) for _ in messages[:3]]
+        assert got == messages[:3]  # each read is exactly one message
+        # A read smaller than the message: the rest comes next, never mixed with the next one.
+        assert await reader.read(4) == b"0123"
+        assert await reader.read(1000) == b"456789"
+        assert await reader.read(1000) == b"next"
+        done.set()
+        assert await reader.read(1000) == b""
+        writer.close()
+
+
 # ------------------------------------------------------------------ writing and closing
 
 

@@ -270,6 +270,23 @@ def test_a_byte_stream_keeps_no_boundaries(serve):
         assert conn.recv(1000) == b"x" * 100  # several writes arrive in one read
 
 
+def test_message_mode_keeps_boundaries(serve):
+    config = FAST.replace(message_mode=True, send_buffer=64 * 1024)
+    messages = [b"a", os.urandom(5000), os.urandom(300_000), b"0123456789", b"next"]
+
+    def sender(conn):
+        for message in messages:
+            conn.sendall(message)  # one call, one message (even beyond the send buffer)
+        conn.recv(1)
+
+    harness = serve(sender, config=config)
+    with harness.connect() as conn:
+        assert [conn.recv(1 << 20) for _ in messages[:3]] == messages[:3]
+        assert conn.recv(4) == b"0123"  # the rest of a message comes next, alone
+        assert conn.recv(1000) == b"456789"
+        assert conn.recv(1000) == b"next"
+
+
 def test_eof_after_peer_close_drains_everything_first(serve):
     payload = os.urandom(2_000_000)
 
