@@ -693,7 +693,8 @@ class _Driver:
         if mux.has_output() and conn.state is ConnectionState.ESTABLISHED and not conn._write_closed:
             room = self.config.send_buffer - conn.send_buffered
             ms = int(self.loop.time() * 1000)
-            while room >= _MIN_PULL and mux.has_output():
+            least = min(_MIN_PULL, self.config.send_buffer // 2)  # a small buffer pulls smaller
+            while room >= least and mux.has_output():
                 out = mux.data_to_send(room, ms)
                 if not out:
                     break
