@@ -181,6 +181,32 @@ async def test_a_timed_out_drain_loses_nothing():
 
 
 @run
+async def test_the_smallest_send_buffer_still_moves_data():
+    """Backpressure, not a stall: the mux is pulled even when the connection's buffer
+    is smaller than the usual pull size."""
+    config = FAST.replace(send_buffer=1024, stream_buffer=1024)
+    server = await rudp.start_server(_echo, "127.0.0.1", 0, configuration=config)
+    async with server:
+        reader, writer = await rudp.open_connection(
+            "127.0.0.1", server.addresses()[0][1], configuration=config
+        )
+        payload = os.urandom(20_000)
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 20) == payload
+        writer.close()
+
+
+async def _echo(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+    except rudp.RudpError:
+        pass
+
+
+@run
 async def test_a_vanished_peer_fails_pending_writes_too():
     config = FAST.replace(send_buffer=32 * 1024, stream_buffer=16 * 1024)
     server, port, sessions = await serve_sessions(config)
