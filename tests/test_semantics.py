@@ -116,6 +116,50 @@ async def test_configured_backlog_refuses_handshakes_beyond_it():
 # ------------------------------------------------------------------ reading
 
 
+@run
+async def test_a_byte_stream_keeps_no_boundaries():
+    config = FAST.replace(send_buffer=32 * 1024, stream_buffer=16 * 1024, sndwnd=16, rcvwnd=16)
+    payload = os.urandom(300_000)
+    acknowledged = asyncio.Event()
+
+    async def handler(reader, writer):
+        writer.write(payload)  # one write...
+        for _ in range(100):
+            writer.write(b"x")  # ...and many tiny ones
+        await writer.get_extra_info("session").close()  # returns once all was acknowledged
+        acknowledged.set()
+
+    server = await rudp.start_server(handler, "127.0.0.1", 0, configuration=config)
+    async with server:
+        reader, _ = await rudp.open_connection(
+            "127.0.0.1", server.addresses()[0][1], configuration=config
+        )
+        sizes = []
+        while sum(sizes) < len(payload):
+            sizes.append(len(await reader.read(len(payload) - sum(sizes))))
+        # One write arrives in several reads: no more than the stream's window is buffered.
+        assert len(sizes) > 1 and max(sizes) <= config.stream_buffer
+        await acknowledged.wait()
+        assert await reader.read(1000) == b"x" * 100  # several writes arrive in one read
+
+
+@run
+async def test_a_partial_readexactly_that_times_out_keeps_its_bytes():
+    async def half(reader, writer):
+        writer.write(b"12345")
+        await reader.read(1)  # until the client is done
+
+    server = await rudp.start_server(half, "127.0.0.1", 0, configuration=FAST)
+    async with server:
+        reader, writer = await rudp.open_connection(
+            "127.0.0.1", server.addresses()[0][1], configuration=FAST
+        )
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(10), 0.3)  # 5 of 10 came, then time ran out
+        assert await reader.read(10) == b"12345"  # the 5 bytes are still there
+        writer.close()
+
+
 @pytest.mark.parametrize("mux", [None, False])
 @run
 async def test_message_mode_keeps_boundaries(mux):
