@@ -210,6 +210,13 @@ class _Deadline:
             raise
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A background step's error reaches every caller that awaits it; when none is left
+    waiting, asyncio must not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _check_timeout(value: float | None) -> float | None:
     if value is None:
         return None
@@ -297,9 +304,9 @@ class Stream:
     async def _recv(self, n: int, waitall: bool, timeout: float | None) -> bytes:
         if self._shut_rd:
             return b""
-        reader, _ = await self._streams()
         try:
             async with _Deadline(timeout):
+                reader, _ = await self._streams()  # a server waits for the client's first
                 if not waitall:
                     return await reader.read(n)
                 try:
@@ -314,13 +321,13 @@ class Stream:
     async def _write(self, data: memoryview, timeout: float | None, whole: bool) -> int:
         """Queue ``data`` (all of it, or with ``whole`` False one buffer's worth) as room
         frees up, holding the stream's write lock so calls never interleave."""
-        _, writer = await self._streams()
         if self._write_lock is None:
             self._write_lock = asyncio.Lock()
         deadline = _Deadline(timeout)
         sent = 0
         try:
             async with deadline, self._write_lock:
+                _, writer = await self._streams()
                 while True:
                     await writer.drain()  # the only wait: nothing is queued before it returns
                     end = min(len(data), sent + self._chunk)
@@ -493,6 +500,7 @@ class Connection(Stream):
             return self._pair
         if self._first is None:  # the first use on the server: take the client's first stream
             self._first = asyncio.ensure_future(self._take_first())
+            self._first.add_done_callback(_retrieved)
         pair: tuple[rudp_asyncio.StreamReader, rudp_asyncio.StreamWriter]
         pair = await asyncio.shield(self._first)
         return pair
@@ -573,6 +581,7 @@ class Connection(Stream):
         self._close_on_loop()
         if timeout == 0:
             self._closing = asyncio.ensure_future(self._session.close())
+            self._closing.add_done_callback(_retrieved)
             return
         try:
             async with _Deadline(timeout):

@@ -62,7 +62,10 @@ COVERAGE: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
             "a read with no data waits (blocking: or times out, consuming nothing)",
             {
                 "asyncio": [f"{A}::test_read_waits_for_data_and_a_timed_out_read_loses_nothing"],
-                "sync": [f"{B}::test_read_blocks_and_a_timed_out_read_loses_nothing"],
+                "sync": [
+                    f"{B}::test_read_blocks_and_a_timed_out_read_loses_nothing",
+                    f"{B}::test_the_timeout_covers_waiting_for_the_clients_first_stream",
+                ],
             },
         ),
         (

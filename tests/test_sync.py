@@ -209,6 +209,25 @@ def test_read_blocks_and_a_timed_out_read_loses_nothing(serve):
         assert conn.recv(9, socket.MSG_WAITALL) == b"late data"  # nothing lost
 
 
+def test_the_timeout_covers_waiting_for_the_clients_first_stream(serve):
+    harness = serve(handler=None)
+
+    async def asyncio_client() -> rudp.Session:
+        return await rudp.connect("127.0.0.1", harness.port, configuration=FAST)
+
+    session = run_on_loop(asyncio_client)  # a session that opens no stream
+    accepted, _ = harness.server.accept()
+    accepted.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        accepted.recv(10)
+    with pytest.raises(rsync.SendTimeout):
+        accepted.sendall(b"x")
+    accepted.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        accepted.recv(10)
+    run_on_loop(session.abort)
+
+
 def test_a_partial_waitall_read_that_times_out_keeps_its_bytes(serve):
     def half(conn):
         conn.sendall(b"12345")
