@@ -389,6 +389,7 @@ class Connection:
         if engine.input(payload, self._ms(now), rtt_sample) < 0:
             self._counters["in_errors"] += 1
             return
+        self._confirm()  # kcp framings have no handshake: the first valid segment confirms
         self._heard_from(addr, now)
         if moved and self._progress() != progress_before:
             self._migrate(addr)
