@@ -40,7 +40,8 @@ from netem import Impairment, Profile
 from netem.relay import Relay
 from rudp import wire
 from rudp.config import Configuration
-from rudp.connection import Connection
+from rudp.connection import Connection, ConnectionState
+from rudp.errors import DeadPeerError
 from rudp.listener import Listener
 from rudp.tunnel import start_tunnel_client, start_tunnel_server
 
@@ -168,6 +169,39 @@ def test_kcpgo_client_and_server_connections_talk(arq_cls):
     assert bytes(got_up) == up
     assert bytes(got_down) == down
     assert server is not None and server.engine.conv == 0x1234ABCD
+
+
+def test_kcpgo_client_outlives_connect_timeout_once_the_server_answers(arq_cls):
+    """KCP has no handshake: the first valid segment from the server confirms the client,
+    which then lives as long as traffic flows (not just ``connect_timeout``)."""
+    config = kcptun_config(2, connect_timeout=1.0, conv=5)
+    client = Connection(config, is_client=True, engine=arq_cls)
+    saddr = ("127.0.0.1", 29900)
+    client.connect(saddr, 0.0)
+    ack = wire.KcpSegment(5, wire.KCP_CMD_WINS, 0, 1024, 0, 0, 0).encode()
+    now = 0.0
+    while now < 5.0:  # the server speaks every half second; time passes connect_timeout
+        client.receive_datagram(wire.encode_kcpgo(ack, bytes(16)), saddr, now)
+        end = now + 0.5
+        while (t := client.get_timer(now)) is not None and t <= end:
+            now = max(now, t)
+            client.handle_timer(now)
+            client.datagrams_to_send(now)
+        now = end
+    assert client.state is ConnectionState.ESTABLISHED, client.error
+
+
+def test_kcpgo_client_that_hears_nothing_dies_after_connect_timeout(arq_cls):
+    client = Connection(kcptun_config(2, connect_timeout=1.0), is_client=True, engine=arq_cls)
+    client.connect(("127.0.0.1", 29900), 0.0)
+    client.send(b"hello")
+    now = 0.0
+    while client.state is not ConnectionState.TERMINATED and now < 5.0:
+        now = max(now, client.get_timer(now) or now + 0.1)
+        client.handle_timer(now)
+        client.datagrams_to_send(now)
+    assert isinstance(client.error, DeadPeerError)
+    assert now == pytest.approx(1.0, abs=0.05)
 
 
 # ---------------------------------------------------------------------------- the real kcptun
