@@ -491,3 +491,65 @@ def test_both_directions_through_a_lossy_link(smux_version):
                 assert relay.stats[0].lost + relay.stats[1].lost > 0
 
     run(main)
+
+
+@pytest.mark.kcptun
+@pytest.mark.usefixtures("kcptun_installed")
+@SMUX
+def test_idle_sessions_live_on_keepalives_both_ways(smux_version):
+    """With 1 s keepalives each side and a 3 s idle timeout on ours, sessions that carry
+    nothing for 5 s are still alive: kcptun's NOPs count as life here, and ours are valid
+    frames there (a malformed one would end its session at once)."""
+    keep = {"keepalive": 1.0, "idle_timeout": 3.0}
+
+    async def main() -> None:
+        async with tcp_echo_server() as echo_port:
+            udp_port = free_port(socket.SOCK_DGRAM)
+            server = await rudp.serve(
+                LOCALHOST,
+                0,
+                stream_handler=rudp_stream_echo,
+                configuration=kcptun_config(smux_version, **keep),
+            )
+            tcp_port = free_port(socket.SOCK_STREAM)
+            async with (
+                kcptun(
+                    KCPTUN_SERVER,
+                    *(
+                        "--listen",
+                        f"{LOCALHOST}:{udp_port}",
+                        "--target",
+                        f"{LOCALHOST}:{echo_port}",
+                    ),
+                    *KCPTUN_COMMON,
+                    *("--smuxver", str(smux_version), "--keepalive", "1", "--quiet"),
+                    ready=("udp", udp_port),
+                ),
+                server,
+                kcptun(
+                    KCPTUN_CLIENT,
+                    *("--localaddr", f"{LOCALHOST}:{tcp_port}"),
+                    *("--remoteaddr", "{}:{}".format(*server.addresses()[0])),
+                    *KCPTUN_COMMON,
+                    *("--smuxver", str(smux_version), "--keepalive", "1", "--quiet"),
+                    ready=("tcp", tcp_port),
+                ),
+            ):
+                session = await rudp.connect(
+                    LOCALHOST, udp_port, configuration=kcptun_config(smux_version, **keep)
+                )
+                reader, writer = await session.open_stream()
+                tcp_reader, tcp_writer = await asyncio.open_connection(LOCALHOST, tcp_port)
+                for probe in (b"a", b"b"):  # before and after the silence
+                    writer.write(probe)
+                    assert await reader.readexactly(1) == probe
+                    tcp_writer.write(probe)
+                    assert await tcp_reader.readexactly(1) == probe
+                    if probe == b"a":
+                        await asyncio.sleep(5.0)
+                assert session.stats["mux_keepalives_sent"] >= 3
+                tcp_writer.close()
+                writer.close()
+                await session.close()
+
+    run(main)
