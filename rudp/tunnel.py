@@ -160,7 +160,7 @@ async def _forward(
             if down in done and not half_close:
                 break  # a smux peer that sent FIN has forgotten the stream
         failed = False
-    except (RudpError, OSError, asyncio.IncompleteReadError):
+    except (RudpError, OSError):
         pass  # the connection or the stream broke: abort both (below)
     finally:
         counters.add("active", -1)
