@@ -266,23 +266,19 @@ class _MuxStream(_Stream):
     def push(self) -> None:
         """Hand pending bytes to the mux as its stream buffer frees up."""
         pending = self.pending
-        blocked = self.driver.blocked
         while pending:
             try:
                 taken = self.mux.send(self.sid, pending[0])
             except RudpError as exc:
                 pending.clear()
-                blocked.discard(self)
                 self.fail(exc)
                 return
             if taken == 0:
-                blocked.add(self)
-                return
+                return  # the mux says StreamWritable when it has room again
             if taken == len(pending[0]):
                 pending.popleft()
             else:
                 pending[0] = pending[0][taken:]
-        blocked.discard(self)
         if self.eof_after_pending:
             self.eof_after_pending = False
             self.mux.end_stream(self.sid)
@@ -392,7 +388,9 @@ class StreamReader:
             if index >= 0:
                 end = index + len(separator)
                 if end > self._limit:
-                    raise asyncio.LimitOverrunError("Separator is found, but chunk is longer than limit", index)
+                    raise asyncio.LimitOverrunError(
+                        "Separator is found, but chunk is longer than limit", index
+                    )
                 data = bytes(self._buffer[:end])
                 del self._buffer[:end]
                 return data
@@ -453,7 +451,10 @@ class StreamWriter:
             await stream.writable.wait()
 
     def can_write_eof(self) -> bool:
-        return isinstance(self._stream, _MuxStream) or self._stream.driver.conn.configuration.framing == "rudp"
+        return (
+            isinstance(self._stream, _MuxStream)
+            or self._stream.driver.conn.configuration.framing == "rudp"
+        )
 
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after the data sent so far; reading continues."""
@@ -496,7 +497,9 @@ class StreamWriter:
 
     def __repr__(self) -> str:
         driver = self._stream.driver
-        return f"<rudp.StreamWriter peer={driver.conn.peer_address} state={driver.conn.state.value}>"
+        return (
+            f"<rudp.StreamWriter peer={driver.conn.peer_address} state={driver.conn.state.value}>"
+        )
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -505,7 +508,9 @@ class StreamWriter:
 class _Driver:
     """Glue for one connection: its endpoint, its mux session, its streams and waiters."""
 
-    def __init__(self, conn: Connection, endpoint: Endpoint, *, owns_endpoint: bool, limit: int) -> None:
+    def __init__(
+        self, conn: Connection, endpoint: Endpoint, *, owns_endpoint: bool, limit: int
+    ) -> None:
         self.conn = conn
         self.endpoint = endpoint
         self.loop = endpoint.loop
@@ -515,14 +520,15 @@ class _Driver:
         self.mux: muxlib.Session | None = None
         self.raw: _RawStream | None = None
         self.streams: dict[int, _MuxStream] = {}
-        self.blocked: set[_MuxStream] = set()  # streams with bytes the mux has no room for yet
         self.accepting = _Waiter()
         self.pings: dict[int, asyncio.Future[None]] = {}
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()  # the connection ended
         self.local_closed: asyncio.Future[None] = self.loop.create_future()  # our close() completed
         self.error: RudpError | None = None
-        self.owner: _Stream | None = None  # open_connection(): the session lives as long as this stream
+        self.owner: _Stream | None = (
+            None  # open_connection(): the session lives as long as this stream
+        )
         self.closing = False
         self.on_stream: Callable[[StreamReader, StreamWriter], Any] | None = None
         self.session = Session(self)
@@ -548,7 +554,11 @@ class _Driver:
                 self._terminated(event.error)
         if self.mux is not None:
             self._pump_mux()
-        elif self.raw is not None and self.raw.writable and conn.send_buffered <= self.config.send_buffer:
+        elif (
+            self.raw is not None
+            and self.raw.writable
+            and conn.send_buffered <= self.config.send_buffer
+        ):
             self.raw.writable.wake()
         if conn.close_done and not self.local_closed.done():
             self.local_closed.set_result(None)
@@ -557,7 +567,11 @@ class _Driver:
         timer = self.conn.get_timer(now)
         if timer is None and self.conn.state is ConnectionState.TERMINATED:
             return None
-        if self.mux is not None and not self.mux.closed and (ms := self.mux.get_timer()) is not None:
+        if (
+            self.mux is not None
+            and not self.mux.closed
+            and (ms := self.mux.get_timer()) is not None
+        ):
             mux_timer = ms / 1000.0
             timer = mux_timer if timer is None else min(timer, mux_timer)
         return timer
@@ -595,7 +609,9 @@ class _Driver:
     def _terminated(self, error: RudpError | None) -> None:
         self.error = error
         if not self.connected.done():
-            self.connected.set_exception(error or ClosedError("connection closed during the handshake"))
+            self.connected.set_exception(
+                error or ClosedError("connection closed during the handshake")
+            )
             self.connected.exception()  # retrieved by whoever awaits it; silence the warning
         mux = self.mux
         if mux is not None and not mux.closed:
@@ -610,7 +626,9 @@ class _Driver:
         for stream in self.streams.values():
             info = mux.stream_info(stream.sid) if mux is not None and error is None else None
             finished = info is not None and info.eof_received
-            stream.fail(None if finished or stream.eof else error or ClosedError("the session is closed"))
+            stream.fail(
+                None if finished or stream.eof else error or ClosedError("the session is closed")
+            )
         self.accepting.wake()
         for fut in self.pings.values():
             if not fut.done():
@@ -644,7 +662,9 @@ class _Driver:
     def _mux_flushed(self, mux: muxlib.Session) -> bool:
         if mux.has_output() or any(s.pending or s.eof_after_pending for s in self.streams.values()):
             return False
-        return not any((info := mux.stream_info(sid)) and info.send_buffered for sid in mux.stream_ids())
+        return not any(
+            (info := mux.stream_info(sid)) and info.send_buffered for sid in mux.stream_ids()
+        )
 
     def abort(self, reason: str) -> None:
         if self.mux is not None and not self.mux.closed:
@@ -654,7 +674,9 @@ class _Driver:
 
     def stream_finished(self, stream: _Stream) -> None:
         """A stream the application closed has handed all its bytes to the mux."""
-        if not stream.closing or (isinstance(stream, _MuxStream) and (stream.pending or stream.eof_after_pending)):
+        if not stream.closing or (
+            isinstance(stream, _MuxStream) and (stream.pending or stream.eof_after_pending)
+        ):
             return
         if stream is self.owner:
             self.close_connection()
@@ -688,9 +710,11 @@ class _Driver:
         self._mux_events()
         if mux.closed:
             return
-        for stream in list(self.blocked):
-            stream.push()
-        if mux.has_output() and conn.state is ConnectionState.ESTABLISHED and not conn._write_closed:
+        if (
+            mux.has_output()
+            and conn.state is ConnectionState.ESTABLISHED
+            and not conn._write_closed
+        ):
             room = self.config.send_buffer - conn.send_buffered
             ms = int(self.loop.time() * 1000)
             least = min(_MIN_PULL, self.config.send_buffer // 2)  # a small buffer pulls smaller
@@ -770,7 +794,9 @@ def _report_handler_error(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if exc is not None and not isinstance(exc, RudpError | ConnectionError | asyncio.IncompleteReadError):
+    if exc is not None and not isinstance(
+        exc, RudpError | ConnectionError | asyncio.IncompleteReadError
+    ):
         print(f"rudp: unhandled error in a handler: {exc!r}", file=sys.stderr)
 
 
@@ -1052,7 +1078,9 @@ async def serve(
     """
     config = configuration or Configuration()
     loop = asyncio.get_running_loop()
-    sock, addr = await loop.run_in_executor(None, lambda: _udp_socket(host or "0.0.0.0", port, passive=True))
+    sock, addr = await loop.run_in_executor(
+        None, lambda: _udp_socket(host or "0.0.0.0", port, passive=True)
+    )
     try:
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -1104,5 +1132,10 @@ async def start_server(
 ) -> Server:
     """Like :func:`asyncio.start_server`: ``client_connected_cb(reader, writer)`` per stream."""
     return await serve(
-        host, port, stream_handler=client_connected_cb, configuration=configuration, limit=limit, reuse_port=reuse_port
+        host,
+        port,
+        stream_handler=client_connected_cb,
+        configuration=configuration,
+        limit=limit,
+        reuse_port=reuse_port,
     )

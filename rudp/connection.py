@@ -247,7 +247,10 @@ class Connection:
             mtu -= wire.FEC_OVERHEAD
             self._start_fec(negotiated, now)
         self.engine = self._engine_cls(
-            self.cid & 0xFFFFFFFF if self._rudp else cfg.conv,
+            # rudp: the low bits of the connection id. KCP framings: the configured conv,
+            # or (conv=0, as kcp-go does) a random one per client session, so a server
+            # tells a restarted client on the same port from its old session.
+            self.cid & 0xFFFFFFFF if self._rudp or not cfg.conv else cfg.conv,
             mtu=mtu,
             snd_wnd=cfg.sndwnd,
             rcv_wnd=cfg.rcvwnd,

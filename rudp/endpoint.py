@@ -29,6 +29,10 @@ __all__ = ["Endpoint", "Handler"]
 
 #: Datagrams read per batch before other loop work gets a turn.
 RECV_BATCH = 256
+#: What the kernel charges per queued full-size datagram (its buffer, not just the payload).
+DATAGRAM_TRUESIZE = 2304
+#: The receive buffer stops growing with the number of connections here.
+MAX_RECEIVE_BUFFER = 64 * 1024 * 1024
 
 
 class Handler(Protocol):
@@ -84,7 +88,9 @@ class Endpoint:
         self._backlog: dict[Address, list[bytes]] = {}  # output waiting for the socket to drain
         self._writer_armed = False
         self.closed = False
-        self.counters = dict.fromkeys(("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "unknown"), 0)
+        self.counters = dict.fromkeys(
+            ("datagrams_in", "datagrams_out", "bytes_in", "bytes_out", "unknown"), 0
+        )
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # ------------------------------------------------------------------ keys
@@ -96,7 +102,17 @@ class Endpoint:
         key = self.key_of(conn)
         self.connections[key] = conn
         self.handlers[key] = handler
+        self._size_receive_buffer()
         self.touch(conn)
+
+    def _size_receive_buffer(self) -> None:
+        """Room in the socket for what every connection's receive window allows in flight:
+        many fast senders into one server socket must not overflow it (kcp-go's does)."""
+        config = self.configuration
+        per_connection = config.rcvwnd * DATAGRAM_TRUESIZE * max(1, config.mtu // 1400)
+        udp.grow_receive_buffer(
+            self.sock, min(MAX_RECEIVE_BUFFER, len(self.connections) * per_connection)
+        )
 
     # ------------------------------------------------------------------ input
 
@@ -159,6 +175,7 @@ class Endpoint:
         key = self.key_of(conn)
         self.connections[key] = conn
         self.handlers[key] = self._on_accept(conn)
+        self._size_receive_buffer()
         return conn
 
     # ------------------------------------------------------------------ output and timers

@@ -126,6 +126,19 @@ def _set_buffer(sock: socket.socket, option: int, force_option: int, size: int) 
     return sock.getsockopt(socket.SOL_SOCKET, option)
 
 
+def grow_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Raise the socket's receive buffer to at least ``size`` bytes (never shrink it).
+
+    Returns the size the kernel reports (Linux doubles what is asked, for its own
+    bookkeeping). A server grows it as connections arrive, so the datagrams all
+    their windows allow can wait in the socket instead of being dropped there.
+    """
+    current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if current >= size:
+        return current
+    return _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size)
+
+
 def _enable_gro(sock: socket.socket) -> bool:
     try:
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
