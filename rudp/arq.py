@@ -83,7 +83,7 @@ __all__ = [
 
 _MASK = 0xFFFFFFFF
 RTO_INIT = 200  # ms, before the first RTT sample (KCP's IKCP_RTO_DEF)
-PROBE_INIT = 500  # ms before the first zero-window probe (kcp-go's value; C KCP waits 7 s)
+PROBE_INIT = 500  # ms before the first zero-window probe (C KCP and the kcp-go in kcptun wait 7 s)
 PROBE_MAX = 120_000  # ms, the probe interval grows x1.5 up to this
 THRESH_INIT = 2  # initial slow-start threshold, segments
 THRESH_MIN = 2
