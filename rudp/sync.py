@@ -519,7 +519,10 @@ class Connection(Stream):
     # ------------------------------------------------------------ more streams
 
     def open_stream(self) -> Stream:
-        """A new stream to the peer; data may flow at once (no round trip)."""
+        """A new stream to the peer; data may flow at once (no round trip).
+
+        It starts with this connection's timeout.
+        """
         self._check_open()
         return self._run(self._open_on_loop)
 
@@ -528,7 +531,10 @@ class Connection(Stream):
         return self._new_stream(pair)
 
     def accept_stream(self) -> Stream:
-        """The next stream the peer opens (after the first); honours the timeout."""
+        """The next stream the peer opens (after the first); honours the timeout.
+
+        It starts with this connection's timeout.
+        """
         self._check_open()
         return self._run(lambda: self._op(self._accept_on_loop(self._timeout)))
 
