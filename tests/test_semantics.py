@@ -8,28 +8,20 @@ vanished peer. ``test_sync_streams.py`` has the same for the blocking API.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
+from test_asyncio import echo_server, run
 from test_semantics_support import FAST, IDLE, Relay, TimerWakeups, next_deadline, released
 
 import rudp
 from rudp.connection import Connection
 from rudp.events import Connected, Terminated
 from rudp.mux import INITIAL_PEER_WINDOW, MIN_WINDOW
-
-
-def run(coro_fn):
-    """Run an async test body in a fresh loop, bounded so a hang fails instead of blocking."""
-
-    @functools.wraps(coro_fn)
-    def wrapper(*args, **kwargs):
-        asyncio.run(asyncio.wait_for(coro_fn(*args, **kwargs), 60))
-
-    return wrapper
 
 
 def mux_of(session: rudp.Session):
@@ -44,6 +36,20 @@ async def serve_sessions(config=FAST, **kwargs) -> tuple[rudp.Server, int, async
         "127.0.0.1", 0, connection_handler=sessions.put_nowait, configuration=config, **kwargs
     )
     return server, server.addresses()[0][1], sessions
+
+
+@contextlib.asynccontextmanager
+async def session_pair(
+    config=FAST, client_config=None
+) -> AsyncIterator[tuple[rudp.Session, rudp.Session]]:
+    """(client session, the server's side of it); both are gone afterwards."""
+    server, port, sessions = await serve_sessions(config)
+    async with server:
+        client = await rudp.connect("127.0.0.1", port, configuration=client_config or config)
+        try:
+            yield client, await sessions.get()
+        finally:
+            client.abort()
 
 
 # ------------------------------------------------------------------ connecting
@@ -229,25 +235,13 @@ async def test_the_smallest_send_buffer_still_moves_data():
     """Backpressure, not a stall: the mux is pulled even when the connection's buffer
     is smaller than the usual pull size."""
     config = FAST.replace(send_buffer=1024, stream_buffer=1024)
-    server = await rudp.start_server(_echo, "127.0.0.1", 0, configuration=config)
+    server, port = await echo_server(config)
     async with server:
-        reader, writer = await rudp.open_connection(
-            "127.0.0.1", server.addresses()[0][1], configuration=config
-        )
+        reader, writer = await rudp.open_connection("127.0.0.1", port, configuration=config)
         payload = os.urandom(20_000)
         writer.write(payload)
         assert await asyncio.wait_for(reader.readexactly(len(payload)), 20) == payload
         writer.close()
-
-
-async def _echo(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-    except rudp.RudpError:
-        pass
 
 
 @run
@@ -279,10 +273,7 @@ async def test_a_vanished_peer_fails_pending_writes_too():
 @run
 async def test_close_gives_up_after_close_timeout_when_the_peer_never_reads():
     config = FAST.replace(close_timeout=0.5, stream_buffer=64 * 1024)
-    server, port, sessions = await serve_sessions(config)
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=config)
-        await sessions.get()  # the peer lives on (keepalives) but never reads
+    async with session_pair(config) as (client, _):  # the peer lives on but never reads
         _, writer = await client.open_stream()
         writer.write(bytes(3_000_000))
         await asyncio.wait_for(client.close(), config.close_timeout + 3)
@@ -294,10 +285,7 @@ async def test_close_gives_up_after_close_timeout_when_the_peer_never_reads():
 @run
 async def test_a_stopped_reader_does_not_delay_the_other_streams():
     config = FAST.replace(stream_buffer=128 * 1024, session_buffer=512 * 1024)
-    server, port, sessions = await serve_sessions(config)
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=config)
-        peer = await sessions.get()
+    async with session_pair(config) as (client, peer):
         stopped_writer = (await client.open_stream())[1]
         stopped_writer.write(os.urandom(3_000_000))
         blocked = asyncio.ensure_future(stopped_writer.drain())
@@ -323,7 +311,6 @@ async def test_a_stopped_reader_does_not_delay_the_other_streams():
         data = await stopped_reader.readexactly(3_000_000)  # the reader resumes: so does the writer
         await blocked
         assert len(data) == 3_000_000
-        client.abort()
 
 
 @run
@@ -349,10 +336,7 @@ async def test_opening_a_stream_needs_no_round_trip():
 
 @run
 async def test_stream_ids_never_collide_between_the_two_sides():
-    server, port, sessions = await serve_sessions()
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=FAST)
-        peer = await sessions.get()
+    async with session_pair() as (client, peer):
 
         async def open_many(session: rudp.Session, side: str) -> list[int]:
             ids = []
@@ -382,15 +366,11 @@ async def test_stream_ids_never_collide_between_the_two_sides():
         assert all(sid % 2 == 0 for sid in server_ids)
         assert len(set(client_ids) | set(server_ids)) == 20
         assert at_server == at_client == [True] * 10  # every stream carried its own bytes
-        client.abort()
 
 
 @run
 async def test_a_session_out_of_stream_ids_refuses_new_streams_cleanly():
-    server, port, sessions = await serve_sessions()
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=FAST)
-        peer = await sessions.get()
+    async with session_pair() as (client, peer):
         mux_of(client)._last_local_id = 0xFFFFFFFF - 2  # white box: 2**31 opens is not a test
         reader, writer = await client.open_stream()
         assert writer.get_extra_info("stream_id") == 0xFFFFFFFF  # the last id works
@@ -402,15 +382,13 @@ async def test_a_session_out_of_stream_ids_refuses_new_streams_cleanly():
         peer_writer.write(b"both ways")
         assert await reader.readexactly(9) == b"both ways"
         assert not client.is_closed
-        client.abort()
 
 
 @run
 async def test_streams_per_session_are_bounded_on_both_sides():
-    server, port, sessions = await serve_sessions(FAST.replace(max_streams=2))
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=FAST.replace(max_streams=3))
-        peer = await sessions.get()
+    async with session_pair(
+        FAST.replace(max_streams=2), client_config=FAST.replace(max_streams=3)
+    ) as (client, peer):
         pairs = [await client.open_stream() for _ in range(3)]
         with pytest.raises(rudp.ConnectionRefused, match="max_streams=3"):
             await client.open_stream()  # our own limit
@@ -424,17 +402,13 @@ async def test_streams_per_session_are_bounded_on_both_sides():
             assert await reader.readexactly(5) == b"hello"
         assert mux_of(peer).stats.streams_refused == 1
         assert not client.is_closed and not peer.is_closed
-        client.abort()
 
 
 @run
 async def test_receive_buffers_are_bounded_per_session():
     """Many streams whose readers stopped hold at most the session pool (+ a minimum window each)."""
     config = FAST.replace(stream_buffer=64 * 1024, session_buffer=128 * 1024)
-    server, port, sessions = await serve_sessions(config)
-    async with server:
-        client = await rudp.connect("127.0.0.1", port, configuration=config)
-        peer = await sessions.get()
+    async with session_pair(config) as (client, peer):
         writers = [(await client.open_stream())[1] for _ in range(6)]
         drains = []
         for writer in writers:
@@ -451,7 +425,6 @@ async def test_receive_buffers_are_bounded_per_session():
         bound = config.session_buffer + len(writers) * max(MIN_WINDOW, INITIAL_PEER_WINDOW)
         assert 0 < pool.recv_buffered <= bound
         assert not any(d.done() for d in drains)
-        client.abort()
 
 
 @run

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from test_semantics_support import FAST
 
 import rudp
 from rudp import Configuration
 from rudp import sync as rsync
 
-FAST = Configuration(keepalive=0.2, idle_timeout=1.5, connect_timeout=2.0, close_timeout=2.0)
 #: Small buffers so that backpressure shows with little data.
 SMALL = FAST.replace(send_buffer=32 * 1024, stream_buffer=16 * 1024, sndwnd=16, rcvwnd=16)
 
