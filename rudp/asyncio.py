@@ -585,7 +585,7 @@ class _Driver:
 
     def _connected(self) -> None:
         conn, config = self.conn, self.config
-        if config.mux_effective and not config.message_mode:  # the mux needs a byte stream
+        if config.mux_effective:
             rudp_framing = config.framing == "rudp"
             self.mux = muxlib.Session(
                 client=conn.is_client,
@@ -648,8 +648,15 @@ class _Driver:
         if self.mux is not None and not self.mux.closed:
             for stream in list(self.streams.values()):
                 stream.close()
+        # The whole close is bounded, including the time streams wait for a peer that
+        # stopped reading to open its window: after close_timeout it becomes a reset.
+        self.loop.call_later(self.config.close_timeout, self._close_expired)
         self._close_when_flushed()
         self.touch()
+
+    def _close_expired(self) -> None:
+        if not self.local_closed.done():
+            self.abort("close did not complete within close_timeout")
 
     def _close_when_flushed(self) -> None:
         """Close the connection once every stream's bytes are framed and handed to it

@@ -133,6 +133,8 @@ class Configuration:
         self._check_fec()
         if self.mux is not None:
             check_bool("mux", self.mux)
+            if self.mux and self.message_mode:
+                raise ValueError("mux must be False with message_mode=True (streams are byte streams)")
         check_choice("smux_version", self.smux_version, (1, 2))
         check_range("max_frame_size", self.max_frame_size, 1, 65535)
         check_range("stream_buffer", self.stream_buffer, 1024, 1 << 30)
@@ -203,7 +205,9 @@ class Configuration:
 
     @property
     def mux_effective(self) -> bool:
-        return self.framing != "kcp" if self.mux is None else self.mux
+        if self.mux is None:
+            return self.framing != "kcp" and not self.message_mode
+        return self.mux
 
     def replace(self, **changes: Any) -> Configuration:
         """A copy with some fields changed (validated again)."""

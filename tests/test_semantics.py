@@ -264,12 +264,6 @@ async def test_a_vanished_peer_fails_pending_writes_too():
         writer.write(b"more")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, reported: Session.close() hands the connection its close (and so "
-    "close_timeout) only once every stream's bytes are framed, which never happens "
-    "while a live peer does not read",
-)
 @run
 async def test_close_gives_up_after_close_timeout_when_the_peer_never_reads():
     config = FAST.replace(close_timeout=0.5, stream_buffer=64 * 1024)
