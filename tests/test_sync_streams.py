@@ -137,7 +137,7 @@ def test_opening_a_stream_needs_no_round_trip():
         client = rsync.connect(*address, configuration=FAST)
         accepted, _ = server.accept()
         relay.drop_replies = True  # from now on the client hears nothing from the server
-        heard = relay.to_client
+        heard = on_loop(lambda: relay.to_client)  # read on the relay's thread: none in flight
         stream = client.open_stream()
         stream.sendall(b"first flight")
         accepted.settimeout(5)
