@@ -388,8 +388,8 @@ def _fmt_rate(bps: float | None) -> str:
     return f"{bps:.0f} bit/s"
 
 
-def render(report: dict[str, Any], console: Any) -> None:
-    """The side-by-side table."""
+def render(report: dict[str, Any], console: Any, verbose: int = 0) -> None:
+    """The side-by-side table (``verbose``: every rudp counter too)."""
     from rich.table import Table
 
     results = report["results"]
@@ -431,11 +431,18 @@ def render(report: dict[str, Any], console: Any) -> None:
     row("wire bytes / payload byte", lambda r: f"{r['overhead']:.2f}" if "overhead" in r else "-")
     row("retransmissions", lambda r: str(r.get("retransmissions", "-")))
     row("congestion control", lambda r: r.get("congestion_control", "-"))
+
+    def counter(name: str) -> Any:
+        return lambda r: str(r["rudp_stats"].get(name, 0)) if r.get("rudp_stats") else "-"
+
+    if any(r.get("rudp_stats") for r in results.values()):
+        row("FEC parity packets sent", counter("fec_parity_sent"))
+        row("bundled copies sent", counter("bundled_segs"))
     console.print(table)
     for protocol, r in results.items():
         if "error" in r:
             console.print(f"[red]{_LABELS[protocol]}: {r['error']}[/red]")
-        if r.get("rudp_stats"):
+        if verbose and r.get("rudp_stats"):
             stats = ", ".join(f"{k} {v}" for k, v in sorted(r["rudp_stats"].items()))
             console.print(f"[dim]rudp counters: {stats}[/dim]")
 
@@ -530,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
             r.pop("series", None)
         print(json.dumps(report, indent=None, default=str))
     else:
-        render(report, Console())
+        render(report, Console(), getattr(args, "verbose", 0))
         if args.plot:
             Console().print(f"plot written to {args.plot}")
     failed = any("error" in r for r in report["results"].values())
