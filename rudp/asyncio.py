@@ -72,13 +72,14 @@ _MIN_PULL = 2048
 class _Waiter:
     """Futures woken together (a stream's readers, or its writers)."""
 
-    __slots__ = ("_futures",)
+    __slots__ = ("_futures", "_loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop  # not get_running_loop(): that costs a getpid() system call per wait
         self._futures: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._loop.create_future()
         self._futures.append(fut)
         try:
             await fut
@@ -104,8 +105,8 @@ class _Stream:
 
     def __init__(self, driver: _Driver) -> None:
         self.driver = driver
-        self.readable = _Waiter()
-        self.writable = _Waiter()
+        self.readable = _Waiter(driver.loop)
+        self.writable = _Waiter(driver.loop)
         self.error: RudpError | None = None
         self.eof = False  # EOF was returned once: keep returning it
         self.write_closed = False
@@ -226,7 +227,7 @@ class _MuxStream(_Stream):
     def __init__(self, driver: _Driver, sid: int) -> None:
         super().__init__(driver)
         self.sid = sid
-        self.pending: deque[memoryview] = deque()  # written, not yet taken by the mux
+        self.pending: deque[bytes | memoryview] = deque()  # written, not yet taken by the mux
         self.eof_after_pending = False
 
     @property
@@ -237,19 +238,20 @@ class _MuxStream(_Stream):
     def read_now(self, n: int) -> bytes | None:
         if self.eof:
             return b""
+        mux = self.mux
         try:
-            data = self.mux.read(self.sid, n)
-        except BlockingIOError:
-            self.check()  # the session ended: after the buffered bytes, the error
-            return None
+            data = mux.try_read(self.sid, n)
         except RudpError as exc:
             self.error = self.error or exc
             raise self.error from None
+        if data is None:
+            self.check()  # the session ended: after the buffered bytes, the error
+            return None
         if not data:
             self.eof = True
             self.driver.stream_finished(self)
             return b""
-        if self.mux.has_output() or self.mux.receive_capacity() is not None:
+        if mux.has_output() or mux.receive_capacity() is not None:
             self.driver.touch()  # a window update to send, or (v1) room to take more bytes in
         return data
 
@@ -259,26 +261,28 @@ class _MuxStream(_Stream):
             raise ClosedError("the stream is closed for writing")
         if not data:
             return
-        self.pending.append(memoryview(data))
+        self.pending.append(data)
         self.push()
         self.driver.touch()
 
     def push(self) -> None:
         """Hand pending bytes to the mux as its stream buffer frees up."""
         pending = self.pending
+        mux, sid = self.mux, self.sid
         while pending:
+            chunk = pending[0]
             try:
-                taken = self.mux.send(self.sid, pending[0])
+                taken = mux.send(sid, chunk)
             except RudpError as exc:
                 pending.clear()
                 self.fail(exc)
                 return
             if taken == 0:
                 return  # the mux says StreamWritable when it has room again
-            if taken == len(pending[0]):
+            if taken == len(chunk):
                 pending.popleft()
             else:
-                pending[0] = pending[0][taken:]
+                pending[0] = memoryview(chunk)[taken:]
         if self.eof_after_pending:
             self.eof_after_pending = False
             self.mux.end_stream(self.sid)
@@ -370,10 +374,18 @@ class StreamReader:
         """Exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` if EOF comes first."""
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
+        stream = self._stream
         while len(self._buffer) < n:
-            if not await self._fill():
+            data = stream.read_now(-1)
+            if data is None:
+                await stream.readable.wait()
+            elif not data:
                 partial, self._buffer = bytes(self._buffer), bytearray()
                 raise asyncio.IncompleteReadError(partial, n)
+            elif not self._buffer and len(data) == n:
+                return data  # exactly what was asked for: no copy through the buffer
+            else:
+                self._buffer += data
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
         return data
@@ -520,7 +532,7 @@ class _Driver:
         self.mux: muxlib.Session | None = None
         self.raw: _RawStream | None = None
         self.streams: dict[int, _MuxStream] = {}
-        self.accepting = _Waiter()
+        self.accepting = _Waiter(self.loop)
         self.pings: dict[int, asyncio.Future[None]] = {}
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.closed: asyncio.Future[None] = self.loop.create_future()  # the connection ended
@@ -540,17 +552,19 @@ class _Driver:
 
     def on_event(self) -> None:
         conn = self.conn
-        while (event := conn.next_event()) is not None:
-            if isinstance(event, DataReadable | EndOfData):
+        while conn.has_events:
+            event = conn.next_event()
+            kind = type(event)
+            if kind is DataReadable or kind is EndOfData:
                 if self.raw is not None:
                     self.raw.readable.wake()
-            elif isinstance(event, Connected):
+            elif kind is Connected:
                 self._connected()
-            elif isinstance(event, PongReceived):
+            elif kind is PongReceived:
                 fut = self.pings.pop(event.token, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
-            elif isinstance(event, Terminated):
+            elif kind is Terminated:
                 self._terminated(event.error)
         if self.mux is not None:
             self._pump_mux()
@@ -560,20 +574,17 @@ class _Driver:
             and conn.send_buffered <= self.config.send_buffer
         ):
             self.raw.writable.wake()
-        if conn.close_done and not self.local_closed.done():
+        if not self.local_closed.done() and conn.close_done:
             self.local_closed.set_result(None)
 
     def get_timer(self, now: float) -> float | None:
         timer = self.conn.get_timer(now)
         if timer is None and self.conn.state is ConnectionState.TERMINATED:
             return None
-        if (
-            self.mux is not None
-            and not self.mux.closed
-            and (ms := self.mux.get_timer()) is not None
-        ):
+        mux = self.mux
+        if mux is not None and (ms := mux.get_timer()) is not None:  # None once closed
             mux_timer = ms / 1000.0
-            timer = mux_timer if timer is None else min(timer, mux_timer)
+            timer = mux_timer if timer is None or mux_timer < timer else timer
         return timer
 
     def handle_timer(self, now: float) -> None:
@@ -714,44 +725,61 @@ class _Driver:
                     if not stream.write_closed:
                         stream.write_eof()
                 self.closing = True
-        self._mux_events()
-        if mux.closed:
-            return
-        if (
-            mux.has_output()
-            and conn.state is ConnectionState.ESTABLISHED
-            and not conn._write_closed
-        ):
-            room = self.config.send_buffer - conn.send_buffered
-            ms = int(self.loop.time() * 1000)
-            least = min(_MIN_PULL, self.config.send_buffer // 2)  # a small buffer pulls smaller
-            while room >= least and mux.has_output():
-                out = mux.data_to_send(room, ms)
-                if not out:
-                    break
-                conn.send(out)
-                room -= len(out)
+        # Pulling frames frees stream buffers: their writers (StreamWritable) push more,
+        # which is pulled in turn, so nothing is left for another call to find.
+        for _ in range(4):
+            self._mux_events()
+            if mux.closed:
+                return
+            if not self._pull_mux() or not mux.has_events:
+                break
         if self.closing:
             self._close_when_flushed()
+
+    def _pull_mux(self) -> bool:
+        """Frames from the mux into the connection while it has room; True if any moved."""
+        mux, conn = self.mux, self.conn
+        assert mux is not None
+        if (
+            conn.state is not ConnectionState.ESTABLISHED
+            or conn._write_closed
+            or not mux.has_output()
+        ):
+            return False
+        config = self.config
+        room = config.send_buffer - conn.send_buffered
+        ms = int(self.loop.time() * 1000)
+        least = min(_MIN_PULL, config.send_buffer // 2)  # a small buffer pulls smaller
+        pulled = False
+        while room >= least:
+            out = mux.data_to_send(room, ms)
+            if not out:
+                break
+            conn.send(out)
+            room -= len(out)
+            pulled = True
+        return pulled
 
     def _mux_events(self) -> None:
         mux = self.mux
         assert mux is not None
-        while (event := mux.next_event()) is not None:
-            if isinstance(event, muxlib.StreamReadable | muxlib.StreamEnded):
+        while mux.has_events:
+            event = mux.next_event()
+            kind = type(event)
+            if kind is muxlib.StreamReadable or kind is muxlib.StreamEnded:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.readable.wake()
-            elif isinstance(event, muxlib.StreamWritable):
+            elif kind is muxlib.StreamWritable:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.push()
-            elif isinstance(event, muxlib.StreamOpened):
+            elif kind is muxlib.StreamOpened:
                 if self.on_stream is not None:
                     self._dispatch_accepted()
                 else:
                     self.accepting.wake()
-            elif isinstance(event, muxlib.StreamReset):
+            elif kind is muxlib.StreamReset:
                 stream = self.streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream.fail(
@@ -759,7 +787,7 @@ class _Driver:
                         if event.refused
                         else ConnectionReset("stream reset by peer")
                     )
-            elif isinstance(event, muxlib.SessionClosed):
+            elif kind is muxlib.SessionClosed:
                 if event.error is not None and self.conn.state is ConnectionState.ESTABLISHED:
                     self.abort(str(event.error))
                 for stream in self.streams.values():

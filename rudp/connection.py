@@ -693,6 +693,11 @@ class Connection:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something (cheaper than asking it)."""
+        return bool(self._events)
+
     # ------------------------------------------------------------------ internals
 
     def _send_control(self, packet: bytes) -> None:

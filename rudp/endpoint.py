@@ -27,6 +27,9 @@ from rudp.listener import Listener
 
 __all__ = ["Endpoint", "Handler"]
 
+#: (version, type, connection id) of a rudp datagram: sessions are keyed by the id.
+_cid_of = wire.RUDP_HEADER.unpack_from
+
 #: Datagrams read per batch before other loop work gets a turn.
 RECV_BATCH = 256
 #: What the kernel charges per queued full-size datagram (its buffer, not just the payload).
@@ -39,7 +42,9 @@ class Handler(Protocol):
     """What the layer above attaches to each connection (the asyncio driver)."""
 
     def on_event(self) -> None:
-        """Drain the connection's events (called after input, timers and flushes)."""
+        """Drain the connection's events (called after input, timers and flushes) and
+        hand the connection what the layers above have to send, until nothing is left:
+        after it, only new connection events (``Connection.has_events``) need it again."""
 
     def get_timer(self, now: float) -> float | None:
         """The next deadline of the connection and of whatever sits on it."""
@@ -70,6 +75,7 @@ class Endpoint:
         self.sock = sock
         self.configuration = configuration
         self.capabilities = udp.configure(sock)
+        self._io = udp.datagram_io(sock)
         self.connected = connected  # connect()ed to its one peer (clients): send without an address
         self.listener = listener
         self._rudp = configuration.framing == "rudp"
@@ -118,7 +124,7 @@ class Endpoint:
 
     def _on_readable(self) -> None:
         try:
-            batch = udp.recv_batch(self.sock, RECV_BATCH)
+            batch = self._io.recv_batch(RECV_BATCH)
         except ConnectionRefusedError:
             now = self.loop.time()
             for conn in list(self.connections.values()):
@@ -135,14 +141,11 @@ class Endpoint:
         touched: dict[Any, Connection] = {}
         connections = self.connections
         rudp_framing = self._rudp
+        size = 0
         for data, addr in batch:
-            counters["bytes_in"] += len(data)
+            size += len(data)
             if rudp_framing:
-                key = (
-                    int.from_bytes(data[2:10], "little")
-                    if len(data) >= wire.RUDP_OVERHEAD
-                    else None
-                )
+                key = _cid_of(data)[2] if len(data) >= wire.RUDP_OVERHEAD else None
             else:
                 key = addr
             conn = connections.get(key)
@@ -154,16 +157,21 @@ class Endpoint:
             else:
                 conn.receive_datagram(data, addr, now)
             touched[key] = conn
+        counters["bytes_in"] += size
         if self.listener is not None:
             for packet, addr in self.listener.datagrams_to_send():
                 self._send([packet], addr)
-        for key, conn in touched.items():
+        handlers, dirty = self.handlers, self._dirty
+        for key in touched:
             # Wake readers now, but send (ACKs) at the end of the next loop pass: a reply
             # the woken task writes in that pass then leaves in the same datagram.
-            handler = self.handlers.get(key)
+            handler = handlers.get(key)
             if handler is not None:
                 handler.on_event()
-            self.touch(conn, immediate=False)
+            dirty.add(key)
+        if touched and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_dirty)
 
     def _unknown(self, data: bytes, addr: Address, now: float) -> Connection | None:
         if self.listener is None or self._on_accept is None:
@@ -208,9 +216,9 @@ class Endpoint:
         """Drain a connection's events and datagrams, and re-arm its timer."""
         if now is None:
             now = self.loop.time()
-        key = self.key_of(conn)
+        key = conn.cid if self._rudp else conn.peer_address
         handler = self.handlers.get(key)
-        for _ in range(4):  # the handler may queue more (mux frames once ACKs freed room)
+        for _ in range(4):
             if handler is not None:
                 handler.on_event()
             out = conn.datagrams_to_send(now)
@@ -218,6 +226,8 @@ class Endpoint:
                 break
             if conn.peer_address is not None:
                 self._send(out, conn.peer_address)
+            if not conn.has_events:
+                break  # the handler has nothing new to react to (it leaves no work behind)
         deadline = handler.get_timer(now) if handler is not None else conn.get_timer(now)
         if deadline is None:
             if conn.state is ConnectionState.TERMINATED:
@@ -283,11 +293,14 @@ class Endpoint:
 
     def _send_now(self, datagrams: list[bytes], addr: Address) -> int:
         try:
-            sent = udp.send_batch(self.sock, datagrams, None if self.connected else addr)
+            sent = self._io.send_batch(datagrams, None if self.connected else addr)
         except (ConnectionRefusedError, OSError):
             sent = len(datagrams)  # unreachable or a transient error: the ARQ repeats what matters
-        self.counters["datagrams_out"] += sent
-        self.counters["bytes_out"] += sum(len(d) for d in datagrams[:sent])
+        counters = self.counters
+        counters["datagrams_out"] += sent
+        counters["bytes_out"] += sum(
+            map(len, datagrams[:sent] if sent < len(datagrams) else datagrams)
+        )
         return sent
 
     def _arm_writer(self) -> None:

@@ -306,6 +306,22 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], tuple[StreamState, Action]] =
 }
 
 
+def _steady(inp: StreamInput, action: Action) -> tuple[StreamState, ...]:
+    """The states in which ``inp`` keeps the state and runs ``action``, read off the table.
+
+    The per-byte paths (send, read, data frames) test membership in these by
+    identity instead of looking the pair up: the table stays the one definition.
+    """
+    return tuple(s for s in StreamState if TRANSITIONS[(s, inp)] == (s, action))
+
+
+_SEND_STEADY = _steady(_I.SEND, _A.WRITE)
+_READ_STEADY = _steady(_I.READ, _A.READ)
+_DELIVER_STEADY = _steady(_I.RECV_DATA, _A.DELIVER)
+#: Method names of the actions, so a step does not build them.
+_HANDLERS = {action: "_do_" + action.name.lower() for action in Action}
+
+
 # ---------------------------------------------------------------------------
 # Inspection and counters
 # ---------------------------------------------------------------------------
@@ -717,12 +733,14 @@ class Session:
         """The next time :meth:`handle_timer` must run, or None."""
         if self._closed:
             return None
-        deadlines = []
+        due = None
         if self.keepalive is not None and not self._nop_queued:
-            deadlines.append(self._last_send + self.keepalive)
+            due = self._last_send + self.keepalive
         if self.idle_timeout is not None:
-            deadlines.append(self._last_recv + self.idle_timeout)
-        return min(deadlines) if deadlines else None
+            idle = self._last_recv + self.idle_timeout
+            if due is None or idle < due:
+                due = idle
+        return due
 
     def handle_timer(self, now: int) -> None:
         if self._closed:
@@ -743,6 +761,11 @@ class Session:
         ):
             self._nop_queued = True
             self._control.append((_NOP, 0, 0))
+
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something (cheaper than asking it)."""
+        return bool(self._events)
 
     def next_event(self) -> Event | None:
         if not self._events:
@@ -782,12 +805,14 @@ class Session:
         the buffer is half empty.
         """
         st = self._lookup(sid)
-        self._step(st, StreamInput.SEND)  # raises unless the write side is open
-        n = min(len(data), self.stream_buffer - st.tx.size)
-        if n < len(data):
+        if st.state not in _SEND_STEADY:
+            self._step(st, StreamInput.SEND)  # raises unless the write side is open
+        size = len(data)
+        n = min(size, self.stream_buffer - st.tx.size)
+        if n < size:
             st.want_writable = True
         if n > 0:
-            st.tx.append(bytes(data[:n]))
+            st.tx.append(bytes(data[:n]) if n < size or type(data) is not bytes else data)
             self._schedule(st)
         return n
 
@@ -799,20 +824,30 @@ class Session:
         after a peer reset, ``ClosedError`` for a closed or unknown stream.
         Reading is what opens the peer's window again.
         """
+        data = self.try_read(sid, max_bytes)
+        if data is None:
+            raise BlockingIOError(f"stream {sid}: no data yet")
+        return data
+
+    def try_read(self, sid: int, max_bytes: int = -1) -> bytes | None:
+        """:meth:`read`, but None instead of ``BlockingIOError`` when nothing is buffered yet
+        (a transport polls this after every wake-up; an exception there costs more)."""
         if max_bytes == 0 or max_bytes < -1:
             raise ValueError(f"max_bytes must be -1 or positive, got {max_bytes!r}")
         st = self._lookup(sid)
-        self._step(st, StreamInput.READ)
+        if st.state not in _READ_STEADY:
+            self._step(st, StreamInput.READ)
         st.read_armed = True
-        if st.rx.size:
-            data = st.rx.take(st.rx.size if max_bytes < 0 else max_bytes)
+        rx = st.rx
+        if rx.size:
+            data = rx.take(rx.size if max_bytes < 0 else max_bytes)
             self._consume(st, len(data))
             return data
         if st.eof:
             st.eof_delivered = True
             self._maybe_release(st)
             return b""
-        raise BlockingIOError(f"stream {sid}: no data yet")
+        return None
 
     def end_stream(self, sid: int) -> None:
         """Half-close: FIN after the buffered bytes; reading keeps working.
@@ -863,7 +898,7 @@ class Session:
         """Look the input up in :data:`TRANSITIONS`, move to the next state, run the action."""
         state, action = TRANSITIONS[(st.state, inp)]
         st.state = state
-        getattr(self, "_do_" + action.name.lower())(st, body)
+        getattr(self, _HANDLERS[action])(st, body)
 
     def _do_write(self, st: _Stream, body: bytes | None) -> None:
         """Done by :meth:`send` itself (it needs the caller's data)."""
@@ -1004,7 +1039,10 @@ class Session:
         if cmd == SMUX_PSH:
             if body:
                 self.stats.data_bytes_received += len(body)
-                self._step(st, StreamInput.RECV_DATA, body)
+                if st.state in _DELIVER_STEADY:
+                    self._do_deliver(st, body)
+                else:
+                    self._step(st, StreamInput.RECV_DATA, body)
         elif cmd == SMUX_FIN:
             self._step(st, StreamInput.RECV_FIN, body)
         elif cmd == SMUX_UPD:
