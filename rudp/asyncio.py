@@ -718,7 +718,7 @@ class _Driver:
                 if not data:
                     break
                 mux.receive_data(data, int(self.loop.time() * 1000))
-            if conn.at_eof and not self.closing:
+            if not self.closing and conn.at_eof:
                 # The peer closed the whole connection: finish our side of every stream
                 # (what arrived stays readable), then close once it is all out.
                 for stream in self.streams.values():
@@ -728,7 +728,8 @@ class _Driver:
         # Pulling frames frees stream buffers: their writers (StreamWritable) push more,
         # which is pulled in turn, so nothing is left for another call to find.
         for _ in range(4):
-            self._mux_events()
+            if mux.has_events:
+                self._mux_events()
             if mux.closed:
                 return
             if not self._pull_mux() or not mux.has_events:
@@ -758,6 +759,8 @@ class _Driver:
             conn.send(out)
             room -= len(out)
             pulled = True
+            if not mux.has_output():
+                break
         return pulled
 
     def _mux_events(self) -> None:

@@ -195,6 +195,7 @@ class Connection:
         self._fec_dec: FecDecoder | None = None
         self._fec_ctl: FecController | None = None
         self._fec_next_measure = 0.0
+        self._bundle = configuration.bundle_effective  # the engine's bundling while FEC is off
         self._fec_marks = (0, 0, 0, 0)  # retransmitted, sent, shards lost, shards expected
         self._last_now = 0.0
         self._counters = dict.fromkeys(
@@ -290,33 +291,42 @@ class Connection:
 
     def get_timer(self, now: float | None = None) -> float | None:
         """The next time :meth:`handle_timer` must run, or None (nothing pending at all)."""
-        if self.state is ConnectionState.TERMINATED or self._t0 is None:
+        state = self.state
+        if state is ConnectionState.TERMINATED or self._t0 is None:
             return None
-        candidates = [
-            t
-            for t in (
-                self._hs_next,
-                self._ping_next,
-                self._close_next,
-                self._linger_until,
-                self._close_deadline,
-            )
-            if t is not None
-        ]
-        if self.state is ConnectionState.HANDSHAKE or not self._confirmed:
-            candidates.append(self._hs_deadline)
-        if self.state is ConnectionState.ESTABLISHED:
-            candidates.append(self._last_recv + self.configuration.idle_timeout)
+        # The earliest of the deadlines that are set (runs after every flush: no list).
+        first = None
+        for t in (
+            self._hs_next,
+            self._ping_next,
+            self._close_next,
+            self._linger_until,
+            self._close_deadline,
+            self._hs_deadline
+            if state is ConnectionState.HANDSHAKE or not self._confirmed
+            else None,
+        ):
+            if t is not None and (first is None or t < first):
+                first = t
+        if state is ConnectionState.ESTABLISHED:
+            ref = self._last_now if now is None else now
+            t = self._last_recv + self.configuration.idle_timeout
+            if first is None or t < first:
+                first = t
             if self._needs_flush or self._out:
-                candidates.append(self._last_now if now is None else now)
+                if ref < first:
+                    first = ref
             elif self.engine is not None:
-                ref = self._last_now if now is None else now
                 due = self.engine.check(self._ms(ref))
-                if due is not None:
-                    candidates.append(self._from_ms(due, ref))
-            if self._fec_enc is not None and (due := self._fec_enc.next_deadline()) is not None:
-                candidates.append(self._from_ms(due, self._last_now if now is None else now))
-        return min(candidates) if candidates else None
+                if due is not None and (t := self._from_ms(due, ref)) < first:
+                    first = t
+            if (
+                self._fec_enc is not None
+                and (due := self._fec_enc.next_deadline()) is not None
+                and (t := self._from_ms(due, ref)) < first
+            ):
+                first = t
+        return first
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``."""
@@ -441,7 +451,11 @@ class Connection:
             return
         body = memoryview(data)[wire.RUDP_OVERHEAD :]
         try:
-            self._dispatch(ptype, body, addr, now)
+            if ptype == wire.PKT_DATA and self.state is ConnectionState.ESTABLISHED:
+                self._confirm()
+                self._receive_kcp(body, addr, now)  # the common case, as _dispatch does it
+            else:
+                self._dispatch(ptype, body, addr, now)
         except (ValueError, struct.error):  # a truncated or malformed body
             self._counters["in_errors"] += 1
 
@@ -826,10 +840,12 @@ class Connection:
     def _protect(self, payloads: list[bytes], now: float) -> list[bytes]:
         enc = self._fec_enc
         assert enc is not None
-        self._measure_loss(now)
+        if now >= self._fec_next_measure:
+            self._measure_loss(now)
         if self._fec_ctl is not None and not self._fec_ctl.active and enc.next_deadline() is None:
-            self.engine.bundle = self.configuration.bundle_effective
-            return [self._header + d for d in payloads]  # auto mode, clean link: no FEC at all
+            self.engine.bundle = self._bundle
+            header = self._header
+            return [header + d for d in payloads]  # auto mode, clean link: no FEC at all
         self.engine.bundle = 0  # parity repairs thin streams: copies would be redundant twice
         enc.max_delay = self._fec_delay()
         ms = self._ms(now)
