@@ -36,8 +36,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
+from rudp import engine, wire
 from rudp import mux as muxlib
-from rudp import wire
 from rudp.config import Configuration
 from rudp.connection import Connection, ConnectionState
 from rudp.endpoint import Endpoint
@@ -67,6 +67,22 @@ __all__ = [
 DEFAULT_LIMIT = 2**16
 #: Pull mux frames in chunks of at least this (frames never straddle two pulls).
 _MIN_PULL = 2048
+
+
+def _mux_class() -> type[muxlib.Session]:
+    """The compiled mux (``rudp._mux``, byte-identical to ``rudp.mux``) with the compiled
+    engine, the reference otherwise: ``RUDP_ENGINE=python`` runs the whole stack in Python."""
+    if engine.ENGINE == "cython":
+        try:
+            from rudp._mux import Session
+        except ImportError:  # built without it: the reference does the same, slower
+            pass
+        else:
+            return Session  # type: ignore[no-any-return]
+    return muxlib.Session
+
+
+_MuxSession = _mux_class()
 
 
 class _Waiter:
@@ -598,7 +614,7 @@ class _Driver:
         conn, config = self.conn, self.config
         if config.mux_effective:
             rudp_framing = config.framing == "rudp"
-            self.mux = muxlib.Session(
+            self.mux = _MuxSession(
                 client=conn.is_client,
                 now=int(self.loop.time() * 1000),
                 version=conn.params.smux_version or config.smux_version,
