@@ -14,7 +14,8 @@ asyncio driver:
   (the reference's Python ints never wrap either, and 2**63 bytes is never reached);
 * frames are parsed from the channel bytes in place (only a frame cut by the
   end of a chunk waits in a buffer) and built straight into one ``bytes``;
-* the counters are C integers: ``stats`` returns a ``MuxStats`` snapshot.
+* the counters are C integers: ``stats`` returns a ``MuxStats`` snapshot;
+* a stream makes its ``StreamReadable`` once and hands out that (immutable) event.
 """
 
 from collections import OrderedDict, deque
@@ -227,6 +228,7 @@ cdef class _Stream:
     cdef bint want_writable
     cdef bint in_ready
     cdef bint upd_queued
+    cdef object readable_event  # its StreamReadable, made once: events are immutable
 
     def __cinit__(self, int64_t sid, bint local, int64_t grant):
         self.sid = sid
@@ -810,7 +812,9 @@ cdef class Session:
         self._rx_buffered += n
         if st.read_armed:
             st.read_armed = False
-            self._emit(StreamReadable, st.sid, StreamReadable(st.sid))
+            if st.readable_event is None:
+                st.readable_event = StreamReadable(st.sid)
+            self._emit(StreamReadable, st.sid, st.readable_event)
         return 0
 
     cdef int _do_eof(self, _Stream st) except -1:

@@ -47,6 +47,8 @@ from rudp.fec import FecController, FecDecoder, FecEncoder
 
 __all__ = ["Connection", "ConnectionState", "local_params", "negotiate"]
 
+_DATA_READABLE = DataReadable()  # it has no fields: one instance serves every signal
+
 #: Handshake and close retransmissions start here and double up to the cap.
 HANDSHAKE_RTO = 0.2
 HANDSHAKE_RTO_MAX = 2.0
@@ -64,6 +66,11 @@ class ConnectionState(enum.Enum):
     ESTABLISHED = "established"
     TIME_WAIT = "time-wait"  # both sides closed; lingering to re-acknowledge a lost CLOSE_ACK
     TERMINATED = "terminated"
+
+
+# The states by plain module names for the per-packet checks: reading a member through
+# its class goes through the enum metaclass's __getattr__ hook, several times slower.
+HANDSHAKE, ESTABLISHED, TIME_WAIT, TERMINATED = ConnectionState
 
 
 def local_params(config: Configuration) -> wire.Params:
@@ -163,7 +170,7 @@ class Connection:
         self._rng = random.Random(seed if seed is not None else self.cid)
         self.params: wire.Params = local_params(configuration)
         self.engine: Any = None
-        self.state = ConnectionState.HANDSHAKE
+        self.state = HANDSHAKE
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
         self._prebuffer: list[bytes] = []  # writes before the engine exists (client handshake)
@@ -271,7 +278,7 @@ class Connection:
         for chunk in self._prebuffer:
             self.engine.send(chunk)
         self._prebuffer.clear()
-        self.state = ConnectionState.ESTABLISHED
+        self.state = ESTABLISHED
         self._needs_flush = True
         self._schedule_ping(now)
         assert self.peer_address is not None
@@ -292,7 +299,7 @@ class Connection:
     def get_timer(self, now: float | None = None) -> float | None:
         """The next time :meth:`handle_timer` must run, or None (nothing pending at all)."""
         state = self.state
-        if state is ConnectionState.TERMINATED or self._t0 is None:
+        if state is TERMINATED or self._t0 is None:
             return None
         # The earliest of the deadlines that are set (runs after every flush: no list).
         first = None
@@ -302,13 +309,11 @@ class Connection:
             self._close_next,
             self._linger_until,
             self._close_deadline,
-            self._hs_deadline
-            if state is ConnectionState.HANDSHAKE or not self._confirmed
-            else None,
+            self._hs_deadline if state is HANDSHAKE or not self._confirmed else None,
         ):
             if t is not None and (first is None or t < first):
                 first = t
-        if state is ConnectionState.ESTABLISHED:
+        if state is ESTABLISHED:
             ref = self._last_now if now is None else now
             t = self._last_recv + self.configuration.idle_timeout
             if first is None or t < first:
@@ -331,19 +336,17 @@ class Connection:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``."""
         self._last_now = now
-        if self.state is ConnectionState.TERMINATED or self._t0 is None:
+        if self.state is TERMINATED or self._t0 is None:
             return
         if self._linger_until is not None and now >= self._linger_until:
             self._terminate(None)
             return
-        if (
-            self.state is ConnectionState.HANDSHAKE or not self._confirmed
-        ) and now >= self._hs_deadline:
+        if (self.state is HANDSHAKE or not self._confirmed) and now >= self._hs_deadline:
             self._terminate(
                 DeadPeerError(f"no answer from {self.peer_address} within the connect timeout")
             )
             return
-        if self.state is ConnectionState.ESTABLISHED:
+        if self.state is ESTABLISHED:
             if now >= self._last_recv + self.configuration.idle_timeout:
                 self._abort(
                     DeadPeerError(
@@ -371,11 +374,13 @@ class Connection:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Feed one datagram that arrived from ``addr``."""
         self._last_now = now
-        if self.state is ConnectionState.TERMINATED:
+        if self.state is TERMINATED:
             return
-        self._start_clock(now)
-        self._counters["packets_in"] += 1
-        self._counters["bytes_in"] += len(data)
+        if self._t0 is None:
+            self._start_clock(now)
+        counters = self._counters
+        counters["packets_in"] += 1
+        counters["bytes_in"] += len(data)
         if self._rudp:
             self._receive_rudp(data, addr, now)
             return
@@ -402,16 +407,17 @@ class Connection:
         if engine.input(payload, self._ms(now), rtt_sample) < 0:
             self._counters["in_errors"] += 1
             return
-        self._confirm()  # kcp framings have no handshake: the first valid segment confirms
+        if not self._confirmed:
+            self._confirm()  # kcp framings have no handshake: the first valid segment confirms
         self._heard_from(addr, now)
         if moved and self._progress() != progress_before:
             self._migrate(addr)
         self._needs_flush = True
         if self._full_close:
             self._discard_input()
-        elif self.engine.readable > before:
+        elif engine.readable > before:
             self._signal_readable()
-        if self.engine.dead:
+        if engine.dead:
             self._abort(DeadPeerError("a segment went unacknowledged dead_link times"))
 
     def _heard_from(self, addr: Address, now: float) -> None:
@@ -433,7 +439,7 @@ class Connection:
         return fresh, self.engine.inflight
 
     def _migrate(self, addr: Address) -> None:
-        if self.state is not ConnectionState.ESTABLISHED or addr == self.peer_address:
+        if self.state is not ESTABLISHED or addr == self.peer_address:
             return
         old = self.peer_address
         self.peer_address = addr
@@ -451,9 +457,10 @@ class Connection:
             return
         body = memoryview(data)[wire.RUDP_OVERHEAD :]
         try:
-            if ptype == wire.PKT_DATA and self.state is ConnectionState.ESTABLISHED:
-                self._confirm()
-                self._receive_kcp(body, addr, now)  # the common case, as _dispatch does it
+            if ptype == wire.PKT_DATA and self.state is ESTABLISHED:  # as _dispatch does it
+                if not self._confirmed:
+                    self._confirm()
+                self._receive_kcp(body, addr, now)
             else:
                 self._dispatch(ptype, body, addr, now)
         except (ValueError, struct.error):  # a truncated or malformed body
@@ -461,20 +468,20 @@ class Connection:
 
     def _dispatch(self, ptype: int, body: memoryview, addr: Address, now: float) -> None:
         if ptype == wire.PKT_DATA:
-            if self.state is ConnectionState.ESTABLISHED:
+            if self.state is ESTABLISHED:
                 self._confirm()
                 self._receive_kcp(body, addr, now)
-            elif self.state is ConnectionState.TIME_WAIT:
+            elif self.state is TIME_WAIT:
                 self._heard_from(addr, now)
             return
         if ptype in (wire.PKT_DATA_FEC, wire.PKT_PARITY):
-            if self.state is ConnectionState.ESTABLISHED and self._fec_dec is not None:
+            if self.state is ESTABLISHED and self._fec_dec is not None:
                 self._confirm()
                 self._receive_fec(ptype, body, addr, now)
             return
         if ptype == wire.PKT_RESET:
             code, reason = wire.decode_reason(body)
-            if self.state is ConnectionState.TIME_WAIT or (self._close_acked and self._peer_closed):
+            if self.state is TIME_WAIT or (self._close_acked and self._peer_closed):
                 self._terminate(None)
             elif code == wire.CODE_REFUSED:
                 self._terminate(
@@ -483,7 +490,7 @@ class Connection:
             else:
                 self._terminate(ConnectionReset(reason=reason))
             return
-        if self.is_client and ptype == wire.PKT_RETRY and self.state is ConnectionState.HANDSHAKE:
+        if self.is_client and ptype == wire.PKT_RETRY and self.state is HANDSHAKE:
             params, cookie = wire.decode_handshake(body, with_cookie=True)
             try:
                 negotiated = negotiate(self.params, params)
@@ -496,16 +503,16 @@ class Connection:
             self._send_init(now)  # INIT with the cookie; repeated until confirmed
             return
         if self.is_client and ptype == wire.PKT_ACCEPT:
-            if self.state is ConnectionState.ESTABLISHED:
+            if self.state is ESTABLISHED:
                 self._confirm()
                 self._heard_from(addr, now)
             return
         if not self.is_client and ptype == wire.PKT_INIT:
             # A repeated INIT (our ACCEPT was lost): answer again.
-            if self.state is ConnectionState.ESTABLISHED and addr == self.peer_address:
+            if self.state is ESTABLISHED and addr == self.peer_address:
                 self._send_control(wire.encode_handshake(wire.PKT_ACCEPT, self.cid, self.params))
             return
-        if self.state not in (ConnectionState.ESTABLISHED, ConnectionState.TIME_WAIT):
+        if self.state not in (ESTABLISHED, TIME_WAIT):
             return
         self._confirm()
         self._heard_from(addr, now)
@@ -551,7 +558,7 @@ class Connection:
         During the handshake nothing listens there: refuse at once. Later it is
         ignored (it may be transient); dead-peer detection covers a real loss.
         """
-        if self.state is ConnectionState.HANDSHAKE:
+        if self.state is HANDSHAKE:
             self._terminate(ConnectionRefused(f"nothing listens at {self.peer_address}"))
 
     # ------------------------------------------------------------------ application
@@ -559,8 +566,8 @@ class Connection:
     def send(self, data: bytes) -> None:
         """Queue bytes (stream mode) or one message (message mode) for the peer."""
         if self._write_closed or self.state in (
-            ConnectionState.TERMINATED,
-            ConnectionState.TIME_WAIT,
+            TERMINATED,
+            TIME_WAIT,
         ):
             if self.error is not None and not isinstance(self.error, ClosedError):
                 raise self.error
@@ -576,7 +583,7 @@ class Connection:
     @property
     def send_buffered(self) -> int:
         """Bytes accepted by :meth:`send` and not yet acknowledged by the peer."""
-        queued = sum(map(len, self._prebuffer))
+        queued = sum(map(len, self._prebuffer)) if self._prebuffer else 0
         return queued + (self.engine.pending_bytes if self.engine is not None else 0)
 
     @property
@@ -616,7 +623,7 @@ class Connection:
         with the returned token follows. The caller times the round trip."""
         if not self._rudp:
             raise NotImplementedError(f"the {self._framing} framing has no ping")
-        if self.state is not ConnectionState.ESTABLISHED:
+        if self.state is not ESTABLISHED:
             raise ClosedError("the connection is not established")
         token = self._rng.getrandbits(32)
         self._send_control(wire.encode_header(wire.PKT_PING, self.cid) + wire.PING_BODY.pack(token))
@@ -624,7 +631,7 @@ class Connection:
 
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after everything sent so far; reading goes on."""
-        if self._write_closed or self.state is ConnectionState.TERMINATED:
+        if self._write_closed or self.state is TERMINATED:
             return
         self._write_closed = True
         if not self._rudp:
@@ -639,9 +646,9 @@ class Connection:
         """
         if now is not None:
             self._last_now = now
-        if self.state is ConnectionState.TERMINATED:
+        if self.state is TERMINATED:
             return
-        if self.state is ConnectionState.HANDSHAKE:
+        if self.state is HANDSHAKE:
             self._terminate(None)
             return
         self._full_close = True
@@ -655,7 +662,7 @@ class Connection:
         """Abort: discard queued data; the peer sees a reset."""
         if now is not None:
             self._last_now = now
-        if self.state is ConnectionState.TERMINATED:
+        if self.state is TERMINATED:
             return
         if self._rudp and self.peer_address is not None:
             self._send_control(
@@ -674,11 +681,7 @@ class Connection:
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Everything to transmit now, all addressed to :attr:`peer_address`."""
         self._last_now = now
-        if (
-            self.engine is not None
-            and self._needs_flush
-            and self.state is not ConnectionState.TERMINATED
-        ):
+        if self.engine is not None and self._needs_flush and self.state is not TERMINATED:
             self._needs_flush = False
             self.engine.flush(self._ms(now))
             produced = self.engine.datagrams()
@@ -763,7 +766,7 @@ class Connection:
 
     def _maybe_finish(self, now: float) -> None:
         """Enter TIME-WAIT once both directions are closed (or ours is and close() asked to end)."""
-        if self.state is not ConnectionState.ESTABLISHED:
+        if self.state is not ESTABLISHED:
             return
         if not self._rudp:
             if self._full_close and (self.engine is None or not self.engine.pending_bytes):
@@ -773,7 +776,7 @@ class Connection:
             return
         self._close_deadline = None
         if self._peer_closed:
-            self.state = ConnectionState.TIME_WAIT
+            self.state = TIME_WAIT
             self._ping_next = None
             self._linger_until = now + LINGER_RTOS * max(self._rto(), 0.05)
         elif self._full_close and self._linger_until is None:
@@ -784,7 +787,7 @@ class Connection:
     @property
     def close_done(self) -> bool:
         """close() was called and everything we sent, and our CLOSE, was acknowledged."""
-        return self.state is ConnectionState.TERMINATED or (
+        return self.state is TERMINATED or (
             self._full_close and (not self._rudp or (self._close_sent and self._close_acked))
         )
 
@@ -800,7 +803,7 @@ class Connection:
 
     def _signal_readable(self) -> None:
         if not (self._events and isinstance(self._events[-1], DataReadable)):
-            self._events.append(DataReadable())
+            self._events.append(_DATA_READABLE)
 
     def _signal_eof(self) -> None:
         if not self._eof_signalled:
@@ -808,9 +811,9 @@ class Connection:
             self._events.append(EndOfData())
 
     def _terminate(self, error: RudpError | None) -> None:
-        if self.state is ConnectionState.TERMINATED:
+        if self.state is TERMINATED:
             return
-        self.state = ConnectionState.TERMINATED
+        self.state = TERMINATED
         self.error = error
         self._hs_next = self._ping_next = self._close_next = self._linger_until = (
             self._close_deadline
@@ -843,7 +846,8 @@ class Connection:
         if now >= self._fec_next_measure:
             self._measure_loss(now)
         if self._fec_ctl is not None and not self._fec_ctl.active and enc.next_deadline() is None:
-            self.engine.bundle = self._bundle
+            if self.engine.bundle != self._bundle:  # (the setter validates: not every flush)
+                self.engine.bundle = self._bundle
             header = self._header
             return [header + d for d in payloads]  # auto mode, clean link: no FEC at all
         self.engine.bundle = 0  # parity repairs thin streams: copies would be redundant twice

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from rudp import udp, wire
 from rudp.config import Configuration
-from rudp.connection import Connection, ConnectionState
+from rudp.connection import TERMINATED, Connection
 from rudp.events import Address
 from rudp.listener import Listener
 
@@ -230,7 +230,7 @@ class Endpoint:
                 break  # the handler has nothing new to react to (it leaves no work behind)
         deadline = handler.get_timer(now) if handler is not None else conn.get_timer(now)
         if deadline is None:
-            if conn.state is ConnectionState.TERMINATED:
+            if conn.state is TERMINATED:
                 self.connections.pop(key, None)
                 self.handlers.pop(key, None)
             if self._armed.pop(key, None) is not None:
