@@ -51,6 +51,14 @@ from rudp.events import (
     Terminated,
 )
 from rudp.listener import Listener
+from rudp.mux import (
+    SessionClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReadable,
+    StreamReset,
+    StreamWritable,
+)
 
 __all__ = [
     "Server",
@@ -740,6 +748,8 @@ class _Driver:
                 if not data:
                     break
                 mux.receive_data(data, int(self.loop.time() * 1000))
+                if capacity is None:
+                    break  # (v2) that read took everything
             if not self.closing and conn.at_eof:
                 # The peer closed the whole connection: finish our side of every stream
                 # (what arrived stays readable), then close once it is all out.
@@ -787,20 +797,20 @@ class _Driver:
         while mux.has_events:
             event = mux.next_event()
             kind = type(event)
-            if kind is muxlib.StreamReadable or kind is muxlib.StreamEnded:
+            if kind is StreamReadable or kind is StreamEnded:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.readable.wake()
-            elif kind is muxlib.StreamWritable:
+            elif kind is StreamWritable:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.push()
-            elif kind is muxlib.StreamOpened:
+            elif kind is StreamOpened:
                 if self.on_stream is not None:
                     self._dispatch_accepted()
                 else:
                     self.accepting.wake()
-            elif kind is muxlib.StreamReset:
+            elif kind is StreamReset:
                 stream = self.streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream.fail(
@@ -808,7 +818,7 @@ class _Driver:
                         if event.refused
                         else ConnectionReset("stream reset by peer")
                     )
-            elif kind is muxlib.SessionClosed:
+            elif kind is SessionClosed:
                 if event.error is not None and self.conn.state is ESTABLISHED:
                     self.abort(str(event.error))
                 for stream in self.streams.values():

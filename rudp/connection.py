@@ -71,6 +71,9 @@ class ConnectionState(enum.Enum):
 # The states by plain module names for the per-packet checks: reading a member through
 # its class goes through the enum metaclass's __getattr__ hook, several times slower.
 HANDSHAKE, ESTABLISHED, TIME_WAIT, TERMINATED = ConnectionState
+# The same for what every rudp datagram needs from rudp.wire.
+_RUDP_OVERHEAD = wire.RUDP_OVERHEAD
+_unpack_rudp_header = wire.RUDP_HEADER.unpack_from
 
 
 def local_params(config: Configuration) -> wire.Params:
@@ -166,6 +169,8 @@ class Connection:
         self._engine_cls = engine
         self._framing = configuration.framing
         self._rudp = self._framing == "rudp"
+        # Only clients ping (servers answer): an idle server costs one reply per client per interval.
+        self._pings = self._rudp and is_client
         self._header = wire.encode_header(wire.PKT_DATA, self.cid) if self._rudp else b""
         self._rng = random.Random(seed if seed is not None else self.cid)
         self.params: wire.Params = local_params(configuration)
@@ -290,10 +295,12 @@ class Connection:
         assert self._t0 is not None
         return int((now - self._t0) * 1000 + 1e-6) & 0xFFFFFFFF
 
-    def _from_ms(self, ms: int, now: float) -> float:
-        """Engine deadline (absolute engine ms) → seconds, robust to uint32 wrap."""
-        assert self._t0 is not None
-        delta = ((ms - self._ms(now) + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+    def _from_ms(self, ms: int, now: float, now_ms: int | None = None) -> float:
+        """Engine deadline (absolute engine ms) → seconds, robust to uint32 wrap.
+        ``now_ms``: ``_ms(now)`` when the caller has it already."""
+        if now_ms is None:
+            now_ms = self._ms(now)
+        delta = ((ms - now_ms + 0x80000000) & 0xFFFFFFFF) - 0x80000000
         return now + max(delta, 0) / 1000.0
 
     def get_timer(self, now: float | None = None) -> float | None:
@@ -318,17 +325,19 @@ class Connection:
             t = self._last_recv + self.configuration.idle_timeout
             if first is None or t < first:
                 first = t
+            ref_ms = None
             if self._needs_flush or self._out:
                 if ref < first:
                     first = ref
             elif self.engine is not None:
-                due = self.engine.check(self._ms(ref))
-                if due is not None and (t := self._from_ms(due, ref)) < first:
+                ref_ms = self._ms(ref)
+                due = self.engine.check(ref_ms)
+                if due is not None and (t := self._from_ms(due, ref, ref_ms)) < first:
                     first = t
             if (
                 self._fec_enc is not None
                 and (due := self._fec_enc.next_deadline()) is not None
-                and (t := self._from_ms(due, ref)) < first
+                and (t := self._from_ms(due, ref, ref_ms)) < first
             ):
                 first = t
         return first
@@ -422,7 +431,8 @@ class Connection:
 
     def _heard_from(self, addr: Address, now: float) -> None:
         self._last_recv = now
-        self._schedule_ping(now)
+        if self._pings:  # (_schedule_ping, inline: this runs for every datagram)
+            self._ping_next = now + self.configuration.keepalive
 
     def _progress(self) -> tuple[int, int]:
         """What only a live peer can advance: data we had not seen, and our unacked data.
@@ -448,14 +458,14 @@ class Connection:
         self._events.append(AddressChanged(old, addr))
 
     def _receive_rudp(self, data: bytes, addr: Address, now: float) -> None:
-        if len(data) < wire.RUDP_OVERHEAD:
+        if len(data) < _RUDP_OVERHEAD:
             self._counters["in_errors"] += 1
             return
-        ver, ptype, cid = wire.RUDP_HEADER.unpack_from(data)
+        ver, ptype, cid = _unpack_rudp_header(data)
         if ver != wire.RUDP_VERSION or cid != self.cid or ptype not in wire.PACKET_TYPES:
             self._counters["in_errors"] += 1
             return
-        body = memoryview(data)[wire.RUDP_OVERHEAD :]
+        body = memoryview(data)[_RUDP_OVERHEAD:]
         try:
             if ptype == wire.PKT_DATA and self.state is ESTABLISHED:  # as _dispatch does it
                 if not self._confirmed:
@@ -565,10 +575,7 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         """Queue bytes (stream mode) or one message (message mode) for the peer."""
-        if self._write_closed or self.state in (
-            TERMINATED,
-            TIME_WAIT,
-        ):
+        if self._write_closed or self.state is TERMINATED or self.state is TIME_WAIT:
             if self.error is not None and not isinstance(self.error, ClosedError):
                 raise self.error
             raise ClosedError("the connection is closed for writing")
@@ -616,7 +623,7 @@ class Connection:
     @property
     def at_eof(self) -> bool:
         """The peer closed its side and everything it sent has been read."""
-        return self._peer_closed and self.readable == 0
+        return self._peer_closed and (self.engine is None or self.engine.readable == 0)
 
     def ping(self) -> int:
         """Ask the peer for an immediate answer (rudp framing); a :class:`PongReceived`
@@ -681,10 +688,11 @@ class Connection:
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Everything to transmit now, all addressed to :attr:`peer_address`."""
         self._last_now = now
-        if self.engine is not None and self._needs_flush and self.state is not TERMINATED:
+        engine = self.engine
+        if self._needs_flush and engine is not None and self.state is not TERMINATED:
             self._needs_flush = False
-            self.engine.flush(self._ms(now))
-            produced = self.engine.datagrams()
+            engine.flush(self._ms(now))
+            produced = engine.datagrams()
             if produced:
                 if self._framing == "kcp-go":
                     produced = [
@@ -697,14 +705,17 @@ class Connection:
                     header = self._header
                     produced = [header + d for d in produced]
                 self._out.extend(produced)
-            if self.engine.dead:
+            if engine.dead:
                 self._abort(DeadPeerError("a segment went unacknowledged dead_link times"))
             elif self._write_closed:
                 self._maybe_send_close(now)
-        out, self._out = self._out, []
-        if out:
-            self._counters["packets_out"] += len(out)
-            self._counters["bytes_out"] += sum(map(len, out))
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        counters = self._counters
+        counters["packets_out"] += len(out)
+        counters["bytes_out"] += sum(map(len, out))
         return out
 
     def next_event(self) -> Event | None:
@@ -735,8 +746,7 @@ class Connection:
         self._send_init(now)
 
     def _schedule_ping(self, now: float) -> None:
-        # Only clients ping (servers answer): an idle server costs one reply per client per interval.
-        if self._rudp and self.is_client:
+        if self._pings:
             self._ping_next = now + self.configuration.keepalive
 
     def _send_ping(self, now: float) -> None:

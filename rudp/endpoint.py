@@ -198,7 +198,7 @@ class Endpoint:
         if immediate and not self._flush_scheduled:
             self.flush_now(conn)
         else:
-            self._dirty.add(self.key_of(conn))
+            self._dirty.add(conn.cid if self._rudp else conn.peer_address)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_dirty)
