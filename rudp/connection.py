@@ -171,6 +171,7 @@ class Connection:
         self._rudp = self._framing == "rudp"
         # Only clients ping (servers answer): an idle server costs one reply per client per interval.
         self._pings = self._rudp and is_client
+        self._idle_timeout = configuration.idle_timeout
         self._header = wire.encode_header(wire.PKT_DATA, self.cid) if self._rudp else b""
         self._rng = random.Random(seed if seed is not None else self.cid)
         self.params: wire.Params = local_params(configuration)
@@ -308,38 +309,37 @@ class Connection:
         state = self.state
         if state is TERMINATED or self._t0 is None:
             return None
-        # The earliest of the deadlines that are set (runs after every flush: no list).
-        first = None
-        for t in (
-            self._hs_next,
-            self._ping_next,
-            self._close_next,
-            self._linger_until,
-            self._close_deadline,
-            self._hs_deadline if state is HANDSHAKE or not self._confirmed else None,
-        ):
+        # The earliest of the deadlines that are set (this runs after every flush).
+        first = self._ping_next
+        for t in (self._hs_next, self._close_next, self._linger_until, self._close_deadline):
             if t is not None and (first is None or t < first):
                 first = t
-        if state is ESTABLISHED:
-            ref = self._last_now if now is None else now
-            t = self._last_recv + self.configuration.idle_timeout
-            if first is None or t < first:
-                first = t
-            ref_ms = None
-            if self._needs_flush or self._out:
-                if ref < first:
-                    first = ref
-            elif self.engine is not None:
-                ref_ms = self._ms(ref)
-                due = self.engine.check(ref_ms)
-                if due is not None and (t := self._from_ms(due, ref, ref_ms)) < first:
-                    first = t
-            if (
-                self._fec_enc is not None
-                and (due := self._fec_enc.next_deadline()) is not None
-                and (t := self._from_ms(due, ref, ref_ms)) < first
-            ):
-                first = t
+        if (state is HANDSHAKE or not self._confirmed) and (
+            first is None or self._hs_deadline < first
+        ):
+            first = self._hs_deadline
+        if state is not ESTABLISHED:
+            return first
+        ref = self._last_now if now is None else now
+        t = self._last_recv + self._idle_timeout
+        if first is None or t < first:
+            first = t
+        if self._needs_flush or self._out:
+            return ref if ref < first else first  # (FEC's deadlines are never before now)
+        ref_ms = self._ms(ref)
+        engine, fec = self.engine, self._fec_enc
+        if (
+            engine is not None
+            and (due := engine.check(ref_ms)) is not None
+            and (t := self._from_ms(due, ref, ref_ms)) < first
+        ):
+            first = t
+        if (
+            fec is not None
+            and (due := fec.next_deadline()) is not None
+            and (t := self._from_ms(due, ref, ref_ms)) < first
+        ):
+            first = t
         return first
 
     def handle_timer(self, now: float) -> None:
@@ -694,16 +694,16 @@ class Connection:
             engine.flush(self._ms(now))
             produced = engine.datagrams()
             if produced:
-                if self._framing == "kcp-go":
-                    produced = [
-                        wire.encode_kcpgo(d, self._rng.randbytes(wire.KCPGO_NONCE))
-                        for d in produced
-                    ]
-                elif self._fec_enc is not None:
+                if self._fec_enc is not None:  # (rudp framing only)
                     produced = self._protect(produced, now)
                 elif self._rudp:
                     header = self._header
                     produced = [header + d for d in produced]
+                elif self._framing == "kcp-go":
+                    produced = [
+                        wire.encode_kcpgo(d, self._rng.randbytes(wire.KCPGO_NONCE))
+                        for d in produced
+                    ]
                 self._out.extend(produced)
             if engine.dead:
                 self._abort(DeadPeerError("a segment went unacknowledged dead_link times"))

@@ -91,6 +91,7 @@ class Endpoint:
         self._timer_at: float | None = None
         self._dirty: set[Any] = set()
         self._flush_scheduled = False
+        self._flushed_in_pass = False  # a touch sent at once since the last _flush_dirty
         self._backlog: dict[Address, list[bytes]] = {}  # output waiting for the socket to drain
         self._writer_armed = False
         self.closed = False
@@ -189,22 +190,28 @@ class Endpoint:
     # ------------------------------------------------------------------ output and timers
 
     def touch(self, conn: Connection, immediate: bool = True) -> None:
-        """Something happened on ``conn`` (a write, a read, input): send what is due.
+        """Something happened on ``conn`` (a write, a read): send what is due.
 
-        The first touch of a loop pass sends at once (no tick, no added latency);
-        later ones in the same pass are coalesced into one flush at the end of the
-        next pass, so a burst of small writes leaves in few datagrams.
+        The first touch of a loop pass sends at once (no tick, no added latency),
+        with the ACKs that input left for the end of the pass: a reply written
+        right after a request leaves at once and carries them. Later touches in
+        the same pass are coalesced into one flush at its end, so a burst of small
+        writes leaves in few datagrams.
         """
-        if immediate and not self._flush_scheduled:
+        key = conn.cid if self._rudp else conn.peer_address
+        if immediate and not self._flushed_in_pass:
+            self._flushed_in_pass = True
+            self._dirty.discard(key)  # this flush sends what it was waiting for
             self.flush_now(conn)
         else:
-            self._dirty.add(conn.cid if self._rudp else conn.peer_address)
+            self._dirty.add(key)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_dirty)
 
     def _flush_dirty(self) -> None:
         self._flush_scheduled = False
+        self._flushed_in_pass = False
         dirty, self._dirty = self._dirty, set()
         now = self.loop.time()
         for key in dirty:
