@@ -29,6 +29,7 @@ nothing, the bytes stay queued and are sent.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 import sys
@@ -77,20 +78,20 @@ DEFAULT_LIMIT = 2**16
 _MIN_PULL = 2048
 
 
-def _mux_class() -> type[muxlib.Session]:
-    """The compiled mux (``rudp._mux``, byte-identical to ``rudp.mux``) with the compiled
-    engine, the reference otherwise: ``RUDP_ENGINE=python`` runs the whole stack in Python."""
+def _compiled(module: str, name: str, reference: type) -> type:
+    """The compiled twin of ``reference`` (``rudp._mux.Session``, ``rudp._connection.Connection``:
+    the same behaviour, checked by differential tests) when the compiled engine runs, the
+    reference otherwise: ``RUDP_ENGINE=python`` runs the whole stack in Python."""
     if engine.ENGINE == "cython":
         try:
-            from rudp._mux import Session
+            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
         except ImportError:  # built without it: the reference does the same, slower
             pass
-        else:
-            return Session  # type: ignore[no-any-return]
-    return muxlib.Session
+    return reference
 
 
-_MuxSession = _mux_class()
+_MuxSession: type[muxlib.Session] = _compiled("rudp._mux", "Session", muxlib.Session)
+_Connection: type[Connection] = _compiled("rudp._connection", "Connection", Connection)
 
 
 class _Waiter:
@@ -774,7 +775,7 @@ class _Driver:
         True if any moved."""
         mux, conn = self.mux, self.conn
         assert mux is not None
-        if conn.state is not ESTABLISHED or conn._write_closed:
+        if conn.state is not ESTABLISHED or conn.write_closed:
             return False
         room = self.config.send_buffer - conn.send_buffered
         ms = int(self.loop.time() * 1000)
@@ -985,7 +986,7 @@ async def _connect(
     except OSError:
         sock.close()
         raise
-    conn = Connection(config, is_client=True, cid=int.from_bytes(os.urandom(8), "little"))
+    conn = _Connection(config, is_client=True, cid=int.from_bytes(os.urandom(8), "little"))
     endpoint = Endpoint(sock, config, connected=True)
     driver = _Driver(conn, endpoint, owns_endpoint=True, limit=limit)
     conn.connect(addr, loop.time())
@@ -1176,7 +1177,7 @@ async def serve(
             _start(stream_handler, *driver.new_stream(None))
             driver.owner = driver.raw
 
-    listener = Listener(config, secret=os.urandom(32))
+    listener = Listener(config, secret=os.urandom(32), connection=_Connection)
     endpoint = Endpoint(
         sock,
         config,

@@ -621,6 +621,11 @@ class Connection:
         return self.engine.readable if self.engine is not None else 0
 
     @property
+    def write_closed(self) -> bool:
+        """write_eof() or close() was called: nothing more may be sent."""
+        return self._write_closed
+
+    @property
     def at_eof(self) -> bool:
         """The peer closed its side and everything it sent has been read."""
         return self._peer_closed and (self.engine is None or self.engine.readable == 0)

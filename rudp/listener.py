@@ -41,15 +41,25 @@ class Listener:
     """Turns datagrams from unknown peers into new connections (see module docstring).
 
     ``secret`` keys the cookies: pass 32 random bytes (``os.urandom``); the
-    sans-I/O layer draws no randomness of its own.
+    sans-I/O layer draws no randomness of its own. ``connection`` is the class
+    of the connections it creates (``rudp._connection.Connection``, the compiled
+    twin, takes the same arguments).
     """
 
-    def __init__(self, configuration: Configuration, *, secret: bytes, engine: Any = None) -> None:
+    def __init__(
+        self,
+        configuration: Configuration,
+        *,
+        secret: bytes,
+        engine: Any = None,
+        connection: type[Connection] = Connection,
+    ) -> None:
         if len(secret) < 16:
             raise ValueError("secret must be at least 16 bytes")
         self.configuration = configuration
         self._secret = secret
         self._engine = engine
+        self._connection = connection
         self._params = local_params(configuration)
         self._out: list[tuple[bytes, Address]] = []
         self.counters = dict.fromkeys(
@@ -166,7 +176,7 @@ class Listener:
                 addr,
             )
             return None
-        conn = Connection(self.configuration, is_client=False, cid=cid, engine=self._engine)
+        conn = self._connection(self.configuration, is_client=False, cid=cid, engine=self._engine)
         conn.accept(negotiated, addr, now)
         self.counters["passive_opens"] += 1
         return conn
@@ -198,7 +208,7 @@ class Listener:
             self.counters["refused"] += 1
             return None
         config = self.configuration if conv == wanted else self.configuration.replace(conv=conv)
-        conn = Connection(config, is_client=False, engine=self._engine)
+        conn = self._connection(config, is_client=False, engine=self._engine)
         conn.accept(self._params, addr, now)
         conn.receive_datagram(data, addr, now)
         self.counters["passive_opens"] += 1
