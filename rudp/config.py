@@ -134,7 +134,9 @@ class Configuration:
         if self.mux is not None:
             check_bool("mux", self.mux)
             if self.mux and self.message_mode:
-                raise ValueError("mux must be False with message_mode=True (streams are byte streams)")
+                raise ValueError(
+                    "mux must be False with message_mode=True (streams are byte streams)"
+                )
         check_choice("smux_version", self.smux_version, (1, 2))
         check_range("max_frame_size", self.max_frame_size, 1, 65535)
         check_range("stream_buffer", self.stream_buffer, 1024, 1 << 30)
