@@ -191,16 +191,26 @@ def test_duplication_and_reorder_gap(backend):
     assert s["loss"] == 0
 
 
+STALL_MS = 50  # the TUN forwarder released a packet this late: the host descheduled it
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rate_serialises_a_burst(backend):
     imp = Impairment.from_tc_args("rate 10mbit")
     n, size = 300, 1000
-    with NamespaceLink(symmetric(imp), backend=backend, seed=1) as link:
-        arrivals = probe_link(link, n, 0.0, size=size)
-    assert len(arrivals) == n  # 300 < limit 1000: nothing dropped
     frame = size + PROBE_HEADER + IP_FRAME_OVERHEAD
+    # The forwarder reports its own lateness: a run the host stalled (this VM has CPU
+    # steal) bunches the overdue packets and measures the host, not the rate, so it
+    # is discarded and repeated, at most twice; a rate that is wrong fails every run.
+    for _attempt in range(3):
+        with NamespaceLink(symmetric(imp), backend=backend, seed=1) as link:
+            arrivals = probe_link(link, n, 0.0, size=size)
+        stats = link.final_stats or {}
+        if stats.get("lateness_ms_max", 0.0) < STALL_MS:
+            break
+    assert len(arrivals) == n  # 300 < limit 1000: nothing dropped
     spacing = statistics.median((b[2] - a[2]) / 1e9 for a, b in itertools.pairwise(arrivals))
-    assert spacing == pytest.approx(frame * 8 / 10e6, rel=0.05)
+    assert spacing == pytest.approx(frame * 8 / 10e6, rel=0.05), stats
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
