@@ -208,6 +208,17 @@ def expected(imp: Impairment) -> dict:
     return fields
 
 
+def flat(fields: dict) -> dict:
+    """Tuple fields spread into one key per element (pytest.approx compares flat mappings)."""
+    out = {}
+    for key, value in fields.items():
+        if isinstance(value, tuple):
+            out.update({f"{key}[{i}]": v for i, v in enumerate(value)})
+        else:
+            out[key] = value
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_kernel_accepts_profile_and_reports_what_it_says(accepted: dict, name: str) -> None:
     scenario = SCENARIOS[name]
@@ -218,7 +229,8 @@ def test_kernel_accepts_profile_and_reports_what_it_says(accepted: dict, name: s
         (qdisc,) = accepted[name]["qdisc"][direction]
         assert qdisc["kind"] == "netem"
         # tc keeps times in 64 ns ticks and prints whole microseconds: 500us reads back 499us.
-        assert reported(qdisc["options"]) == pytest.approx(expected(imp), abs=1.5e-6), direction
+        got, want = flat(reported(qdisc["options"])), flat(expected(imp))
+        assert got == pytest.approx(want, abs=1.5e-6), direction
 
 
 # --- fidelity: the same probes through real netem and through the emulator's model -------------
@@ -294,7 +306,9 @@ def test_rudp_bulk_arrives_intact_under_real_netem(transfers: dict, name: str) -
     (forward,) = result["qdisc"]["forward"]
     assert forward["packets"] > TRANSFER_SIZE / 1500  # the data crossed netem
     if name != "reorder":  # every other scenario loses packets: netem dropped datagrams
-        assert forward["drops"] > 0.005 * forward["packets"]  # (one per skb: no GSO bursts)
+        # (the kernel's random is not seeded: a Gilbert-Elliott run of 750 packets may see
+        # a single short burst, so only "some" is certain; the rates are checked by fidelity)
+        assert forward["drops"] > 0
         assert result["stats"]["retrans_segs"] > 0
 
 
