@@ -198,8 +198,9 @@ class Configuration:
         """Copies of unacknowledged segments that may ride in a datagram with room.
 
         On by default in the nodelay modes (fast2, fast3): thin streams of small
-        messages then repair a loss with the next datagram instead of a timeout. The
-        connection pauses it while FEC parity is being sent, which does that job.
+        messages then repair a loss with the next datagram instead of a timeout. While
+        FEC parity is being sent the connection keeps one copy at most: parity does most
+        of that job, the copy covers the groups parity cannot rebuild.
         """
         if self.bundle is not None:
             return self.bundle

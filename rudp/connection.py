@@ -865,7 +865,9 @@ class Connection:
                 self.engine.bundle = self._bundle
             header = self._header
             return [header + d for d in payloads]  # auto mode, clean link: no FEC at all
-        self.engine.bundle = 0  # parity repairs thin streams: copies would be redundant twice
+        # Parity repairs most losses; one copy still rides along for the groups it
+        # cannot rebuild, which would otherwise wait for an RTO (the tail).
+        self.engine.bundle = min(1, self._bundle)
         enc.max_delay = self._fec_delay()
         ms = self._ms(now)
         data_header = wire.encode_header(wire.PKT_DATA_FEC, self.cid)
