@@ -8,26 +8,39 @@ pass having tested only the Python engine.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+from typing import Any, NoReturn
 
 import pytest
 
 from rudp.engine import ENGINES, engine_class
 
+BUILD_HINT = "build it with `python setup.py build_ext --inplace` or `pip install -e .`"
+
+
+def missing_extension(message: str) -> NoReturn:
+    """Skip, or fail under ``RUDP_REQUIRE_EXTENSION=1``: compiled code is missing."""
+    if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
+        pytest.fail(f"RUDP_REQUIRE_EXTENSION=1 but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def compiled(module: str, name: str) -> Any:
+    """``name`` from the compiled ``module``, or :func:`missing_extension`."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        missing_extension(f"{module} is not importable ({exc}); {BUILD_HINT}")
+
 
 def load_engine(name: str) -> type:
-    """The engine's class, or skip/fail (per ``RUDP_REQUIRE_EXTENSION``) when it is missing."""
+    """The engine's class, or :func:`missing_extension` when it is missing."""
     try:
         return engine_class(name)
     except ImportError as exc:
-        message = (
-            f"the {name} ARQ engine is not importable ({exc}); build it with "
-            "`python setup.py build_ext --inplace` or `pip install -e .`"
-        )
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"RUDP_REQUIRE_EXTENSION=1 but {message}", pytrace=False)
-        pytest.skip(message)
+        missing_extension(f"the {name} ARQ engine is not importable ({exc}); {BUILD_HINT}")
 
 
 @pytest.fixture(params=ENGINES)

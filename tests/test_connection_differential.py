@@ -14,12 +14,11 @@ after every step.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any
 
 import pytest
-from conftest import load_engine
+from conftest import compiled, load_engine
 
 from rudp import Configuration
 from rudp.connection import Connection as PyConnection
@@ -29,18 +28,6 @@ from rudp.listener import Listener
 CLIENT = ("10.0.0.1", 40000)
 MOVED = ("10.0.0.9", 41000)
 SERVER = ("10.0.0.2", 4000)
-
-
-def compiled_connection() -> type:
-    """``rudp._connection.Connection``, or skip (fail under ``RUDP_REQUIRE_EXTENSION=1``)."""
-    try:
-        from rudp._connection import Connection
-    except ImportError as exc:
-        message = f"the compiled connection is not importable ({exc}); run `python setup.py build_ext --inplace`"
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"RUDP_REQUIRE_EXTENSION=1 but {message}", pytrace=False)
-        pytest.skip(message)
-    return Connection
 
 
 def comparable(value: Any) -> Any:
@@ -251,7 +238,7 @@ def run_script(cy_cls: type, engine: type, seed: int, steps: int) -> None:
 
 
 def test_fresh_state_agrees() -> None:
-    cy_cls = compiled_connection()
+    cy_cls = compiled("rudp._connection", "Connection")
     engine = load_engine("cython")
     cfg = Configuration()
     py, cy = (
@@ -263,16 +250,18 @@ def test_fresh_state_agrees() -> None:
 
 @pytest.mark.parametrize("seed", range(120))
 def test_connections_are_identical(seed: int) -> None:
-    run_script(compiled_connection(), load_engine("cython"), seed, steps=300)
+    run_script(compiled("rudp._connection", "Connection"), load_engine("cython"), seed, steps=300)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_with_the_reference_engine(seed: int) -> None:
     """The engine is the caller's: the compiled connection drives the Python one alike."""
-    run_script(compiled_connection(), load_engine("python"), 5000 + seed, steps=300)
+    run_script(
+        compiled("rudp._connection", "Connection"), load_engine("python"), 5000 + seed, steps=300
+    )
 
 
 def test_long_scripts() -> None:
-    cy_cls, engine = compiled_connection(), load_engine("cython")
+    cy_cls, engine = compiled("rudp._connection", "Connection"), load_engine("cython")
     for seed in range(9000, 9004):
         run_script(cy_cls, engine, seed, steps=3000)

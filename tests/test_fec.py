@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import re
 
 import pytest
 import reedsolo
+from conftest import BUILD_HINT, missing_extension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,13 +17,7 @@ from rudp import fec
 
 def _require(engine: str) -> str:
     if engine not in fec.ENGINES:
-        message = (
-            "rudp._rs (the compiled FEC kernel) is not importable; build it with "
-            "`python setup.py build_ext --inplace`"
-        )
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"RUDP_REQUIRE_EXTENSION=1 but {message}", pytrace=False)
-        pytest.skip(message)
+        missing_extension(f"rudp._rs (the compiled FEC kernel) is not importable; {BUILD_HINT}")
     return engine
 
 

@@ -14,30 +14,16 @@ every counter must be equal after every step.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 from typing import Any
 
 import pytest
+from conftest import compiled
 
 from rudp.errors import ClosedError
 from rudp.mux import Session as PySession
 from rudp.mux import SessionClosed
-
-
-def compiled_session() -> type:
-    """``rudp._mux.Session``, or skip (fail under ``RUDP_REQUIRE_EXTENSION=1``) when missing."""
-    try:
-        from rudp._mux import Session
-    except ImportError as exc:
-        message = (
-            f"the compiled mux is not importable ({exc}); run `python setup.py build_ext --inplace`"
-        )
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail(f"RUDP_REQUIRE_EXTENSION=1 but {message}", pytrace=False)
-        pytest.skip(message)
-    return Session
 
 
 def comparable(value: Any) -> Any:
@@ -207,7 +193,7 @@ def run_script(cy_cls: type, seed: int, steps: int, bulk: bool = False) -> None:
 
 
 def test_fresh_state_agrees() -> None:
-    cy_cls = compiled_session()
+    cy_cls = compiled("rudp._mux", "Session")
     for client in (True, False):
         py, cy = PySession(client=client, now=5), cy_cls(client=client, now=5)
         assert py.stats.as_dict() == cy.stats.as_dict()
@@ -219,7 +205,7 @@ def test_fresh_state_agrees() -> None:
 
 
 def test_invalid_configuration_is_refused_alike() -> None:
-    cy_cls = compiled_session()
+    cy_cls = compiled("rudp._mux", "Session")
     for bad in ({"version": 3}, {"stream_buffer": 10}, {"max_frame_size": 0}, {"keepalive": 0}):
         kw = {"client": True, "now": 0, **bad}
         with pytest.raises(ValueError) as py_error:
@@ -231,12 +217,12 @@ def test_invalid_configuration_is_refused_alike() -> None:
 
 @pytest.mark.parametrize("seed", range(150))
 def test_sessions_are_byte_identical(seed: int) -> None:
-    run_script(compiled_session(), seed, steps=400)
+    run_script(compiled("rudp._mux", "Session"), seed, steps=400)
 
 
 def test_long_scripts() -> None:
     """Fewer seeds, longer scripts: the states that only build up over time."""
-    cy_cls = compiled_session()
+    cy_cls = compiled("rudp._mux", "Session")
     for seed in range(10_000, 10_004):
         run_script(cy_cls, seed, steps=5000)
 
@@ -244,4 +230,4 @@ def test_long_scripts() -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_bulk_scripts(seed: int) -> None:
     """Megabytes through 1 MiB stream buffers: windows grow as readers keep up."""
-    run_script(compiled_session(), 20_000 + seed, steps=1500, bulk=True)
+    run_script(compiled("rudp._mux", "Session"), 20_000 + seed, steps=1500, bulk=True)

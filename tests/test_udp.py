@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from conftest import BUILD_HINT, missing_extension
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,9 +28,7 @@ IMPLEMENTATIONS = ["native", "python"]
 
 def _require(impl: str) -> bool:
     if impl == "native" and not udp.native_available():
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail("rudp._udp did not build (RUDP_REQUIRE_EXTENSION=1)")
-        pytest.skip("rudp._udp is not available")
+        missing_extension(f"rudp._udp (batched socket I/O) is not importable; {BUILD_HINT}")
     return impl == "native"
 
 

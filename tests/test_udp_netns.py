@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import BUILD_HINT, missing_extension
 
 from rudp import udp
 
@@ -56,9 +57,7 @@ print(json.dumps({"first": first, "sent": sent, "in_order": got == data}))
 @pytest.mark.parametrize("impl", ["native", "python"])
 def test_full_send_buffer_sends_a_prefix_and_resumes(impl, gso):
     if impl == "native" and not udp.native_available():
-        if os.environ.get("RUDP_REQUIRE_EXTENSION") == "1":
-            pytest.fail("rudp._udp did not build (RUDP_REQUIRE_EXTENSION=1)")
-        pytest.skip("rudp._udp is not available")
+        missing_extension(f"rudp._udp (batched socket I/O) is not importable; {BUILD_HINT}")
     done = subprocess.run(
         ["unshare", "--net", sys.executable, "-c", SCRIPT, impl, gso],
         capture_output=True,
