@@ -190,23 +190,18 @@ def summarize(job: Job, result: JobResult) -> dict[str, Any]:
         out["rudp_stats"] = result.client["stats"]
     payload = 0
     series: list[tuple[float, float]] = []  # (send time s since first, latency ms)
-    if job.workload == "messages":
-        samples = result.server.get("samples", [])
-        payload = len(samples) * job.size
-        out["delivered"] = f"{len(samples)}/{job.count}"
-        if samples:
-            first = min(s for s, _ in samples)
-            series = [((s - first) / 1e9, (r - s) / 1e6) for s, r in samples]
-            span = (max(r for _, r in samples) - first) / 1e9
-            out["goodput_bps"] = payload * 8 / span if span > 0 else None
-    elif job.workload == "echo":
-        rtts = result.client.get("rtts", [])
-        payload = 2 * len(rtts) * job.size
-        out["delivered"] = f"{len(rtts)}/{job.count}"
-        if rtts:
-            first = min(s for s, _ in rtts)
-            series = [((s - first) / 1e9, (r - s) / 1e6) for s, r in rtts]
-            span = (max(r for _, r in rtts) - first) / 1e9
+    if job.workload in ("messages", "echo"):
+        # (sent ns, received ns) per message: one-way on the shared clock, or a round trip
+        if job.workload == "messages":
+            timed, copies = result.server.get("samples", []), 1
+        else:
+            timed, copies = result.client.get("rtts", []), 2
+        payload = copies * len(timed) * job.size
+        out["delivered"] = f"{len(timed)}/{job.count}"
+        if timed:
+            first = min(s for s, _ in timed)
+            series = [((s - first) / 1e9, (r - s) / 1e6) for s, r in timed]
+            span = (max(r for _, r in timed) - first) / 1e9
             out["goodput_bps"] = payload * 8 / span if span > 0 else None
     else:
         got = result.server.get("bytes", 0)
