@@ -120,6 +120,7 @@ cdef class Connection:
     cdef object _fec_ctl
     cdef double _fec_next_measure
     cdef object _bundle
+    cdef object _bundle_with_fec
     cdef tuple _fec_marks
     cdef double _last_now
     # the reference's counters, in its order
@@ -173,6 +174,7 @@ cdef class Connection:
         self._fec_ctl = None
         self._fec_next_measure = 0.0
         self._bundle = configuration.bundle_effective
+        self._bundle_with_fec = min(1, self._bundle)
         self._fec_marks = (0, 0, 0, 0)
         self._last_now = 0.0
 
@@ -817,7 +819,8 @@ cdef class Connection:
             return [header + d for d in payloads]  # auto mode, clean link: no FEC at all
         # Parity repairs most losses; one copy still rides along for the groups it
         # cannot rebuild, which would otherwise wait for an RTO (the tail).
-        self.engine.bundle = min(1, self._bundle)
+        if self.engine.bundle != self._bundle_with_fec:
+            self.engine.bundle = self._bundle_with_fec
         enc.max_delay = self._fec_delay()
         ms = self._ms(now)
         data_header = wire.encode_header(wire.PKT_DATA_FEC, self.cid)

@@ -209,6 +209,7 @@ class Connection:
         self._fec_ctl: FecController | None = None
         self._fec_next_measure = 0.0
         self._bundle = configuration.bundle_effective  # the engine's bundling while FEC is off
+        self._bundle_with_fec = min(1, self._bundle)  # ... and while parity is sent
         self._fec_marks = (0, 0, 0, 0)  # retransmitted, sent, shards lost, shards expected
         self._last_now = 0.0
         self._counters = dict.fromkeys(
@@ -867,7 +868,8 @@ class Connection:
             return [header + d for d in payloads]  # auto mode, clean link: no FEC at all
         # Parity repairs most losses; one copy still rides along for the groups it
         # cannot rebuild, which would otherwise wait for an RTO (the tail).
-        self.engine.bundle = min(1, self._bundle)
+        if self.engine.bundle != self._bundle_with_fec:
+            self.engine.bundle = self._bundle_with_fec
         enc.max_delay = self._fec_delay()
         ms = self._ms(now)
         data_header = wire.encode_header(wire.PKT_DATA_FEC, self.cid)
